@@ -1,0 +1,153 @@
+"""LoRA + head training for one domain on labelled feedback.
+
+The head starts from the class means of the base embeddings (the same nearest-class-mean rule serving
+uses before any adapter exists), so a few steps already match the serving baseline and training only
+has to improve on it. When a parent artifact exists its LoRA weights and head rows are the starting
+point (continued training), and a label the parent never saw gets a new head row.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel
+
+from serving.artifacts import ADAPTER_DIR, HEAD_FILE, Artifact, Head
+from serving.encoder import Encoder
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("query", "value")
+    epochs: int = 3
+    batch_size: int = 16
+    lr: float = 5e-4
+    head_lr: float = 5e-3
+    warmup_frac: float = 0.1
+    max_steps: int = 400
+    init_scale: float = 20.0
+    seed: int = 0
+
+
+@dataclass
+class TrainedAdapter:
+    labels: list[str]
+    model: PeftModel
+    head_weight: torch.Tensor
+    head_bias: torch.Tensor
+    steps: int
+    final_loss: float
+
+    def head(self) -> Head:
+        return Head(
+            labels=list(self.labels),
+            weight=self.head_weight.detach().float().numpy().copy(),
+            bias=self.head_bias.detach().float().numpy().copy(),
+        )
+
+    def write(self, directory: Path) -> None:
+        self.model.save_pretrained(str(directory / ADAPTER_DIR), safe_serialization=True)
+        save_file(
+            {"weight": self.head_weight.detach().contiguous(), "bias": self.head_bias.detach().contiguous()},
+            str(directory / HEAD_FILE),
+        )
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    """Re-warm linearly, then cosine re-decay (continual pre-training recipe, DESIGN.md)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_adapter(
+    encoder: Encoder,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    cfg: TrainConfig,
+    parent: Artifact | None = None,
+) -> TrainedAdapter:
+    """Train on (texts, labels); ``encoder`` gives tokenizer, pooling and base embeddings, unmodified."""
+    if len(texts) != len(labels) or not texts:
+        raise ValueError("need equally many texts and labels, at least one")
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    label_list = sorted(set(labels) | set(parent.manifest.labels if parent else ()))
+    y = torch.tensor([label_list.index(lab) for lab in labels])
+
+    # Head initialisation: class means of base embeddings, then parent rows where the parent has them.
+    base = torch.from_numpy(encoder.encode(texts))
+    weight = torch.zeros(len(label_list), encoder.dim)
+    for c in range(len(label_list)):
+        members = base[y == c]
+        if len(members):
+            weight[c] = torch.nn.functional.normalize(members.mean(0), dim=0) * cfg.init_scale
+    bias = torch.zeros(len(label_list))
+    if parent is not None:
+        for row, lab in enumerate(parent.head.labels):
+            c = label_list.index(lab)
+            weight[c] = torch.from_numpy(parent.head.weight[row])
+            bias[c] = float(parent.head.bias[row])
+
+    lora_cfg = LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules)
+    )
+    fresh = AutoModel.from_pretrained(encoder.model_path).to(encoder.device)
+    model = get_peft_model(fresh, lora_cfg)
+    if parent is not None:
+        set_peft_model_state_dict(model, load_file(str(parent.adapter_dir / "adapter_model.safetensors")))
+    head_w = torch.nn.Parameter(weight)
+    head_b = torch.nn.Parameter(bias)
+    lora_params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        [{"params": lora_params, "lr": cfg.lr}, {"params": [head_w, head_b], "lr": cfg.head_lr}],
+        weight_decay=0.0,
+    )
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    n = len(texts)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    warmup = max(1, int(total * cfg.warmup_frac))
+    model.train()
+    step, last_loss = 0, float("nan")
+    order = list(range(n))
+    while step < total:
+        rng.shuffle(order)
+        for start in range(0, n, cfg.batch_size):
+            if step >= total:
+                break
+            idx = order[start : start + cfg.batch_size]
+            batch = encoder.tokenize([texts[i] for i in idx])
+            out = model(**batch)
+            emb = encoder.pool(out.last_hidden_state, batch["attention_mask"])
+            logits = emb @ head_w.T + head_b
+            loss = torch.nn.functional.cross_entropy(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            factor = _lr_factor(step, total, warmup)
+            for g, lr in zip(opt.param_groups, base_lrs, strict=True):
+                g["lr"] = lr * factor
+            opt.step()
+            last_loss = float(loss.detach())
+            step += 1
+    model.eval()
+    return TrainedAdapter(label_list, model, head_w.data, head_b.data, step, last_loss)
+
+
+def accuracy(head_probs: np.ndarray, head_labels: list[str], truth: Sequence[str]) -> float:
+    if len(truth) == 0:
+        return float("nan")
+    pred = [head_labels[i] for i in head_probs.argmax(axis=1)]
+    return float(np.mean([p == t for p, t in zip(pred, truth, strict=True)]))

@@ -1,0 +1,125 @@
+"""``driftserve`` command line. Every Settings field is also a flag (``--http-port`` for ``http_port``);
+flags override DRIFTSERVE_* environment variables, which override the defaults."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from pydantic import ValidationError
+
+from ops.settings import Settings, load_settings
+
+log = logging.getLogger("driftserve")
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (each also DRIFTSERVE_<NAME> in the environment)")
+    for name, field in Settings.model_fields.items():
+        group.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=f"setting_{name}",
+            default=None,
+            metavar="V",
+            help=(field.description or "") + f" [default: {field.default}]",
+        )
+
+
+def _settings(args: argparse.Namespace, **forced) -> Settings:
+    values = {k.removeprefix("setting_"): v for k, v in vars(args).items() if k.startswith("setting_")}
+    values.update(forced)
+    return load_settings(**values)
+
+
+def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from ops.stack import EmbeddedStack, StackError
+    from ops.wiring import stop_on_signals
+
+    stop = stop_on_signals()
+    stack = EmbeddedStack(settings)
+    try:
+        stack.start()
+    except StackError as exc:
+        print(f"driftserve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "demo":
+            from ops.demo import run_demo
+
+            return run_demo(stack)
+        print("Ctrl-C or SIGTERM stops everything.", flush=True)
+        while not stop.wait(1.0):
+            stack._check_alive()
+        return 0
+    except StackError as exc:
+        print(f"driftserve: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("stopping ...", flush=True)
+        stack.stop()
+        print("stopped.", flush=True)
+
+
+def _cmd_memory_writer(_args: argparse.Namespace, settings: Settings) -> int:
+    from ops.stack import mark_ready
+    from ops.wiring import memory_writer, stop_on_signals
+
+    stop = stop_on_signals()
+    memory_writer(settings).run(stop, on_ready=lambda: mark_ready(settings, "memory-writer"))
+    return 0
+
+
+def _cmd_learner(_args: argparse.Namespace, settings: Settings) -> int:
+    from ops.stack import mark_ready
+    from ops.wiring import learner, stop_on_signals
+
+    stop = stop_on_signals()
+    learner(settings).run(stop, on_ready=lambda: mark_ready(settings, "learner"))
+    return 0
+
+
+COMMANDS = {
+    "up": (
+        _cmd_up,
+        "start broker, Redis, Ray Serve, memory writer and learner on 127.0.0.1; serve until Ctrl-C",
+    ),
+    "demo": (_cmd_up, "start the embedded stack, show a correction and an adapter hot-swap, then stop"),
+    "memory-writer": (_cmd_memory_writer, "consume feedback into the Redis error memory"),
+    "learner": (_cmd_learner, "consume feedback, train and publish adapters"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="driftserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_fn, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_settings_flags(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    forced = {}
+    if args.command == "demo":
+        # The demo ships 45 labelled examples; train the first adapter after 24 of them.
+        forced = {"learner_min_examples": args.setting_learner_min_examples or 24}
+    try:
+        settings = _settings(args, **forced)
+    except ValidationError as exc:
+        print(f"driftserve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    from ops.wiring import configure_logging
+
+    configure_logging(settings)
+    fn, _help = COMMANDS[args.command]
+    started = time.monotonic()
+    code = fn(args, settings)
+    log.debug("%s finished in %.1fs", args.command, time.monotonic() - started)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

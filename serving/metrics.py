@@ -1,0 +1,68 @@
+"""Prometheus metrics, named ``driftserve_<noun>_<unit>`` with bounded label values.
+
+In the embedded stack every process writes to one ``PROMETHEUS_MULTIPROC_DIR`` so that serving's
+``/metrics`` shows the memory writer and learner too; without that variable each process has its own
+registry.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+REQUESTS = Counter("driftserve_requests_total", "HTTP requests", ["endpoint", "status"])
+LATENCY = Histogram(
+    "driftserve_request_latency_seconds",
+    "HTTP request latency",
+    ["endpoint"],
+    buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+)
+PREDICTIONS = Counter("driftserve_predictions_total", "texts predicted", ["source"])  # adapter|prototype|none
+COMPENSATIONS = Counter("driftserve_compensations_total", "predictions changed by the error memory blend")
+MEMORY_ENTRIES = Gauge(
+    "driftserve_memory_entries", "entries in the replica's error memory", multiprocess_mode="liveall"
+)
+MEMORY_SYNC_ERRORS = Counter("driftserve_memory_sync_errors_total", "failed Redis reads while syncing")
+ADAPTER_SERVED = Gauge(
+    "driftserve_adapter_served_timestamp_seconds",
+    "creation time of the adapter version each replica serves per domain",
+    ["domain"],
+    multiprocess_mode="liveall",
+)
+ADAPTER_SWAPS = Counter("driftserve_adapter_swaps_total", "adapter hot-swaps", ["outcome"])  # loaded|rejected
+FEEDBACK_CONSUMED = Counter(
+    "driftserve_feedback_consumed_total", "feedback messages consumed", ["consumer", "outcome"]
+)  # outcome: applied|duplicate|dead_lettered|invalid
+FEEDBACK_UNKNOWN_FIELDS = Counter(
+    "driftserve_feedback_unknown_fields_total", "unknown fields ignored in feedback events"
+)
+FEEDBACK_PRODUCED = Counter("driftserve_feedback_produced_total", "feedback accepted over HTTP", ["outcome"])
+LEARNER_RUNS = Counter(
+    "driftserve_learner_runs_total", "training runs", ["outcome"]
+)  # promoted|rejected|failed
+LEARNER_SECONDS = Histogram(
+    "driftserve_learner_train_seconds",
+    "wall time of one training run",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600),
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text for /metrics: all processes of this node in multiprocess mode."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=directory)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

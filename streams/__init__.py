@@ -1,0 +1,1 @@
+"""Wire formats, Kafka clients and Redis-backed stores. Imports no other driftserve package."""
