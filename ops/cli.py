@@ -44,6 +44,8 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     except StackError as exc:
         print(f"driftserve: {exc}", file=sys.stderr)
         return 2
+    # ray.init installs native handlers that abort on SIGTERM; take the signals back for a clean stop.
+    stop = stop_on_signals(stop)
     try:
         if args.command == "demo":
             from ops.demo import run_demo

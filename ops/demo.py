@@ -87,9 +87,7 @@ def run_demo(stack: EmbeddedStack, adapter_timeout_s: float = 300.0) -> int:
                 "meanwhile"
             )
         else:
-            print(
-                f"[5] no adapter within {adapter_timeout_s:.0f}s (see {stack.state}/logs/learner.log)"
-            )
+            print(f"[5] no adapter within {adapter_timeout_s:.0f}s (see {stack.state}/logs/learner.log)")
             ok = False
         metrics = client.get("/metrics").text
         wanted = ("driftserve_compensations_total", "driftserve_feedback_consumed_total")

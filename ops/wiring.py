@@ -47,7 +47,7 @@ def encoder(settings: Settings) -> Encoder:
 
 
 def memory_writer(settings: Settings) -> MemoryWriter:
-    return MemoryWriter(encoder(settings), settings.kafka(), settings.redis())
+    return MemoryWriter.connect(encoder(settings), settings.kafka(), settings.redis())
 
 
 def learner(settings: Settings) -> Learner:
@@ -68,9 +68,9 @@ def learner(settings: Settings) -> Learner:
     )
 
 
-def stop_on_signals() -> threading.Event:
+def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:
     """SIGTERM and SIGINT set the returned event; loops finish their batch and exit cleanly."""
-    stop = threading.Event()
+    stop = stop or threading.Event()
 
     def _handler(signum, _frame):
         stop.set()

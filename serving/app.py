@@ -6,7 +6,6 @@ Handlers are plain ``def`` so FastAPI runs them in its thread pool; the encoder 
 work inside one replica, and replicas scale out through Serve.
 """
 
-
 import logging
 import time
 import uuid

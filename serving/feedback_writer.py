@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
 from serving import metrics
@@ -27,14 +27,16 @@ GROUP_ID = "driftserve-memory-writer"
 
 
 class MemoryWriter:
-    def __init__(
-        self, encoder: Encoder, kafka: KafkaConfig, redis_cfg: RedisConfig, group_id: str = GROUP_ID
-    ) -> None:
+    def __init__(self, encoder: Encoder, kafka: KafkaConfig, log: MemoryLog, producer: KafkaProducer) -> None:
         self.encoder = encoder
         self.kafka = kafka
-        self.group_id = group_id
-        self.log = MemoryLog(connect(redis_cfg), redis_cfg, encoder.fingerprint)
-        self._producer = make_producer(kafka)
+        self.log = log
+        self._producer = producer
+
+    @classmethod
+    def connect(cls, encoder: Encoder, kafka: KafkaConfig, redis_cfg: RedisConfig) -> MemoryWriter:
+        log = MemoryLog(connect(redis_cfg), redis_cfg, encoder.fingerprint)
+        return cls(encoder, kafka, log, make_producer(kafka))
 
     def handle(self, records: list[ConsumerRecord]) -> dict[str, int]:
         """Apply one batch; raises (without side effects beyond idempotent ones) if it must be retried."""
@@ -76,7 +78,7 @@ class MemoryWriter:
         return counts
 
     def run(self, stop: threading.Event, on_ready=None, on_batch=None) -> None:
-        consumer = make_consumer(self.kafka, self.group_id, [self.kafka.feedback_topic])
+        consumer = make_consumer(self.kafka, GROUP_ID, [self.kafka.feedback_topic])
         try:
             while not stop.is_set():
                 polled = consumer.poll(timeout_ms=200)

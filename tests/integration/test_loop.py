@@ -1,0 +1,168 @@
+"""The thin loop on real parts: broker, Redis, Ray Serve with two replicas, the MiniLM model."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from tests.conftest import wait_for
+from tests.integration.conftest import dlq_messages, send_feedback
+
+TICKETS = [
+    ("I was charged twice for my plan", "billing"),
+    ("The app crashes when I open settings", "bug"),
+    ("Please refund the duplicate payment", "billing"),
+    ("Clicking save does nothing at all", "bug"),
+    ("My invoice shows the wrong amount", "billing"),
+    ("The export button gives an empty file", "bug"),
+    ("Why was I billed after cancelling", "billing"),
+    ("Search returns nothing for exact names", "bug"),
+]
+
+
+def _rows(domain: str, pairs, prefix: str | None = None) -> list[dict]:
+    prefix = prefix or domain
+    return [
+        {"event_id": f"{prefix}-{i}", "text": t, "label": lab, "domain": domain}
+        for i, (t, lab) in enumerate(pairs)
+    ]
+
+
+def _predict(client, text: str, domain: str) -> dict:
+    r = client.post("/v1/predict", json={"text": text, "domain": domain})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _memory_has(client, n: int) -> bool:
+    return client.get("/healthz").json()["memory_entries"] >= n
+
+
+def test_health_and_metrics(client):
+    health = client.get("/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    text = client.get("/metrics").text
+    assert "driftserve_requests_total" in text and "driftserve_request_latency_seconds_bucket" in text
+
+
+def test_wrong_prediction_corrected_within_two_seconds(client, producer, stack, unique):
+    domain = unique("corr")
+    before_n = client.get("/healthz").json()["memory_entries"]
+    send_feedback(producer, stack.settings.feedback_topic, _rows(domain, TICKETS[:4]))
+    wait_for(lambda: _memory_has(client, before_n + 4), 10, what="feedback in the error memory")
+    probe = "I need help exporting my data to a spreadsheet"
+    wrong = _predict(client, probe, domain)
+    assert wrong["label"] in {"billing", "bug"}
+    r = client.post(
+        "/v1/feedback",
+        json={"event_id": unique("fix"), "text": probe, "label": "data_export", "domain": domain},
+    )
+    assert r.status_code == 202, r.text
+    accepted = time.monotonic()
+
+    def corrected_on_every_replica() -> bool:
+        # Five answers in a row, so both replicas (round-robin) have applied the entry.
+        return all(_predict(client, probe, domain)["label"] == "data_export" for _ in range(5))
+
+    wait_for(corrected_on_every_replica, 5, interval=0.02, what="the correction")
+    elapsed = time.monotonic() - accepted
+    fixed = _predict(client, probe, domain)
+    assert fixed["compensated"] is True
+    print(f"feedback-to-correction on both replicas: {elapsed * 1000:.0f} ms")
+    assert elapsed < 2.0, f"correction took {elapsed:.2f}s"
+
+
+def test_learner_adapter_hot_swapped_while_requests_succeed(client, producer, stack, unique):
+    domain = unique("swap")
+    seen_versions: list[str] = []
+    failures: list[str] = []
+    answered = 0
+    stop = threading.Event()
+
+    def load() -> None:
+        nonlocal answered
+        import httpx
+
+        with httpx.Client(base_url=stack.url, timeout=30) as c:
+            while not stop.is_set():
+                r = c.post("/v1/predict", json={"text": TICKETS[0][0], "domain": domain})
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code} {r.text}")
+                    continue
+                answered += 1
+                adapter = r.json()["adapter"]
+                if adapter and (not seen_versions or seen_versions[-1] != adapter):
+                    seen_versions.append(adapter)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        send_feedback(producer, stack.settings.feedback_topic, _rows(domain, TICKETS))
+        wait_for(lambda: len(seen_versions) >= 1, 180, interval=0.2, what="the first adapter")
+        more = [(f"{t} again, version two", lab) for t, lab in TICKETS]
+        send_feedback(producer, stack.settings.feedback_topic, _rows(domain, more, prefix=f"{domain}-b"))
+        wait_for(lambda: len(seen_versions) >= 2, 180, interval=0.2, what="the retrained adapter")
+    finally:
+        stop.set()
+        worker.join()
+    assert failures == []
+    assert answered > 0 and len(set(seen_versions)) >= 2
+    manifest_dir = stack.settings.artifacts_dir / domain / seen_versions[-1]
+    assert (manifest_dir / "manifest.json").is_file()
+    final = _predict(client, TICKETS[1][0], domain)
+    assert final["adapter"] == seen_versions[-1]
+    assert final["model_version"].endswith(f"{domain}@{seen_versions[-1]}")
+
+
+def test_malformed_feedback_is_dead_lettered_and_consumption_continues(client, producer, stack, unique):
+    domain = unique("poison")
+    topic = stack.settings.feedback_topic
+    before = len(dlq_messages(stack, timeout_s=2))
+    for raw in (b"{not json", b"\xff\xfe\xfa", b'{"text": "no id", "label": "x"}'):
+        producer.send(topic, key=domain.encode(), value=raw)
+    producer.flush()
+    n = client.get("/healthz").json()["memory_entries"]
+    good = _rows(domain, TICKETS[:2])
+    send_feedback(producer, topic, good + good)  # the duplicate pair must be applied once
+    wait_for(lambda: _memory_has(client, n + 2), 10, what="valid feedback after the poison")
+
+    def new_letters():
+        msgs = dlq_messages(stack, timeout_s=2)
+        return msgs[before:] if len(msgs) >= before + 3 else None
+
+    letters = wait_for(new_letters, 20, what="three dead letters")
+    reasons = sorted(dict(m.headers)["driftserve.reason"].decode() for m in letters)
+    assert reasons == ["bad_json", "bad_utf8", "missing_field"]
+    assert all(dict(m.headers)["driftserve.origin.topic"].decode() == topic for m in letters)
+    time.sleep(0.5)  # let a wrongly double-applied duplicate show up, if there were one
+    assert client.get("/healthz").json()["memory_entries"] == n + 2
+    metrics = client.get("/metrics").text
+    line = next(
+        ln
+        for ln in metrics.splitlines()
+        if ln.startswith(
+            'driftserve_feedback_consumed_total{consumer="memory_writer",outcome="dead_lettered"}'
+        )
+    )
+    assert float(line.rsplit(" ", 1)[1]) >= 3
+    assert _predict(client, TICKETS[0][0], domain)["label"] == "billing"
+
+
+def test_bad_requests_get_4xx_with_a_reason(client):
+    cases = [
+        ({"text": ""}, 422),
+        ({"text": "   "}, 422),
+        ({"text": "x", "unknown": 1}, 422),
+        ({"text": 5}, 422),
+        ({}, 422),
+    ]
+    for body, status in cases:
+        r = client.post("/v1/predict", json=body)
+        assert r.status_code == status, (body, r.text)
+        assert r.json()["error_type"] == "validation_error" and r.json()["error"]
+    r = client.post("/v1/predict", content=b"{broken", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    r = client.post("/v1/predict", content=b"x" * 2_000_000, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
+    r = client.post("/v1/feedback", json={"event_id": "e", "text": "t"})
+    assert r.status_code == 422 and "label" in r.json()["error"]

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serving.compensator import CompensationConfig, blend_weight, compensate, neighbour_label_distribution
+
+CFG = CompensationConfig(k=8, tau=0.1, lambda_max=0.9, sim_low=0.6, sim_high=0.95)
+
+
+def test_blend_weight_grows_with_similarity():
+    assert blend_weight(0.5, CFG) == 0.0
+    assert blend_weight(0.6, CFG) == 0.0
+    assert blend_weight(0.95, CFG) == pytest.approx(0.9)
+    assert blend_weight(1.0, CFG) == pytest.approx(0.9)
+    assert 0.0 < blend_weight(0.8, CFG) < 0.9
+
+
+def test_neighbour_distribution_is_softmax_weighted():
+    dist = neighbour_label_distribution(np.array([1.0, 0.9]), ["a", "b"], tau=0.1)
+    assert dist["a"] == pytest.approx(np.e / (np.e + 1.0))
+    assert sum(dist.values()) == pytest.approx(1.0)
+
+
+def test_exact_duplicate_feedback_corrects_the_prediction():
+    probs = {"a": 0.95, "b": 0.05}
+    out, lam = compensate(probs, np.array([1.0, 0.7]), ["b", "a"], CFG)
+    assert lam == pytest.approx(0.9)
+    assert max(out, key=out.get) == "b"
+    assert sum(out.values()) == pytest.approx(1.0)
+
+
+def test_far_neighbours_leave_the_prediction_alone():
+    probs = {"a": 0.6, "b": 0.4}
+    out, lam = compensate(probs, np.array([0.3]), ["b"], CFG)
+    assert lam == 0.0 and out == probs
+
+
+def test_new_label_from_memory_enters_the_distribution():
+    out, _ = compensate({"a": 1.0}, np.array([0.99]), ["brand_new"], CFG)
+    assert max(out, key=out.get) == "brand_new"
+
+
+def test_disabled_or_empty_memory_is_identity():
+    probs = {"a": 0.7, "b": 0.3}
+    assert compensate(probs, np.zeros(0), [], CFG) == (probs, 0.0)
+    off = CompensationConfig(enabled=False)
+    assert compensate(probs, np.array([1.0]), ["b"], off) == (probs, 0.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"lambda_max": 1.5}, {"sim_low": 0.9, "sim_high": 0.5}, {"tau": 0.0}, {"k": 0}]
+)
+def test_config_is_checked_up_front(kwargs):
+    with pytest.raises(ValueError):
+        CompensationConfig(**kwargs)

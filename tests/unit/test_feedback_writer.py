@@ -1,0 +1,88 @@
+"""Memory writer batch handling with fakes for Kafka and Redis: dead letters, idempotency, retries."""
+
+from __future__ import annotations
+
+import json
+from collections import namedtuple
+
+import pytest
+
+from serving.feedback_writer import MemoryWriter
+from streams.errors import StoreUnavailable
+from streams.kafka_io import KafkaConfig
+
+Record = namedtuple("Record", "topic partition offset key value")
+
+
+class FakeFuture:
+    def get(self, timeout=None):
+        return None
+
+
+class FakeProducer:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, topic, value=None, key=None, headers=None):
+        self.sent.append((topic, value, dict(headers or [])))
+        return FakeFuture()
+
+
+class FakeLog:
+    def __init__(self, fail: bool = False):
+        self.applied: dict[str, object] = {}
+        self.fail = fail
+
+    def add_once(self, entries):
+        if self.fail:
+            raise StoreUnavailable("redis down")
+        new = [e for e in entries if e.event_id not in self.applied]
+        for e in new:
+            self.applied[e.event_id] = e
+        return len(new)
+
+
+def _rec(offset: int, value: bytes | None) -> Record:
+    return Record("driftserve.feedback", 0, offset, b"d", value)
+
+
+def _good(i: int) -> bytes:
+    return json.dumps({"event_id": f"e{i}", "text": f"text {i}", "label": "a"}).encode()
+
+
+@pytest.fixture()
+def writer(tiny_encoder):
+    return MemoryWriter(tiny_encoder, KafkaConfig(), FakeLog(), FakeProducer())
+
+
+def test_bad_messages_are_dead_lettered_with_reason_and_origin(writer):
+    records = [
+        _rec(0, _good(0)),
+        _rec(1, b"{oops"),
+        _rec(2, b"\xff\xfe"),
+        _rec(3, b'{"text": "x"}'),
+        _rec(4, _good(1)),
+    ]
+    counts = writer.handle(records)
+    assert counts == {"applied": 2, "duplicate": 0, "dead_lettered": 3}
+    reasons = [h["driftserve.reason"] for _, _, h in writer._producer.sent]
+    assert reasons == [b"bad_json", b"bad_utf8", b"missing_field"]
+    topic, value, headers = writer._producer.sent[0]
+    assert topic == "driftserve.dlq" and value == b"{oops"
+    assert (
+        headers["driftserve.origin.offset"] == b"1"
+        and headers["driftserve.origin.topic"] == b"driftserve.feedback"
+    )
+
+
+def test_redelivery_is_applied_once(writer):
+    writer.handle([_rec(0, _good(0)), _rec(1, _good(1))])
+    counts = writer.handle([_rec(0, _good(0)), _rec(1, _good(1)), _rec(2, _good(2))])
+    assert counts == {"applied": 1, "duplicate": 2, "dead_lettered": 0}
+    assert sorted(writer.log.applied) == ["e0", "e1", "e2"]
+
+
+def test_store_failure_raises_so_nothing_is_committed(tiny_encoder):
+    writer = MemoryWriter(tiny_encoder, KafkaConfig(), FakeLog(fail=True), FakeProducer())
+    with pytest.raises(StoreUnavailable):
+        writer.handle([_rec(0, _good(0))])

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import socket
+
+import pytest
+from pydantic import ValidationError
+
+from ops import stack
+from ops.cli import build_parser, main
+from ops.settings import Settings, load_settings
+
+
+def test_environment_then_overrides(monkeypatch):
+    monkeypatch.setenv("DRIFTSERVE_HTTP_PORT", "9100")
+    monkeypatch.setenv("DRIFTSERVE_COMPENSATION_K", "5")
+    s = load_settings(compensation_k=7, http_host=None)
+    assert s.http_port == 9100 and s.compensation_k == 7 and s.http_host == "127.0.0.1"
+    assert s.compensation().k == 7
+
+
+def test_unknown_and_invalid_settings_are_errors(monkeypatch):
+    with pytest.raises(ValidationError):
+        load_settings(no_such_field=1)
+    with pytest.raises(ValidationError):
+        load_settings(compensation_sim_low=0.9, compensation_sim_high=0.5)
+
+
+def test_redis_password_is_secret_and_goes_into_the_url():
+    s = load_settings(redis_url="redis://10.0.0.5:6380/2", redis_password="s3cret")
+    assert "s3cret" not in repr(s)
+    assert s.redis().url == "redis://:s3cret@10.0.0.5:6380/2"
+
+
+def test_settings_env_roundtrip(monkeypatch, tmp_path):
+    original = load_settings(state_dir=tmp_path, redis_password="pw", learner_enabled=False, http_port=8123)
+    for key, value in stack.settings_env(original).items():
+        monkeypatch.setenv(key, value)
+    rebuilt = Settings()
+    assert rebuilt.model_dump() == original.model_dump() | {"redis_password": rebuilt.redis_password}
+    assert rebuilt.redis_password.get_secret_value() == "pw"
+
+
+def test_every_setting_is_a_flag():
+    args = build_parser().parse_args(["up", "--http-port", "8111", "--compensation-tau", "0.2"])
+    assert args.setting_http_port == "8111" and args.setting_compensation_tau == "0.2"
+    assert all(f"setting_{name}" in vars(args) for name in Settings.model_fields)
+
+
+def test_cli_reports_invalid_settings(capsys):
+    assert main(["up", "--http-port", "notaport"]) == 2
+    assert "http_port" in capsys.readouterr().err
+
+
+def test_port_in_use_gives_a_clear_error():
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(stack.StackError, match=f"127.0.0.1:{port} is already in use.*--http-port"):
+            stack.check_port_free("127.0.0.1", port, "HTTP", "--http-port")
+
+
+def test_missing_binaries_give_clear_errors(tmp_path):
+    with pytest.raises(stack.StackError, match="apt-get install redis-server"):
+        stack.redis_binary(load_settings(redis_server_bin="no-such-redis-server"))
+    with pytest.raises(stack.StackError, match="DRIFTSERVE_TANSU_BIN"):
+        stack.tansu_binary(load_settings(tansu_bin=str(tmp_path / "missing")))
+    assert stack.tansu_binary(load_settings()).endswith("tansu")
+
+
+def test_host_port_parsing():
+    assert stack.host_port("127.0.0.1:19092", 9092) == ("127.0.0.1", 19092)
+    assert stack.host_port("redis://127.0.0.1:16379/0", 6379) == ("127.0.0.1", 16379)
+    assert stack.host_port("redis://localhost/0", 6379) == ("localhost", 6379)
