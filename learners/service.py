@@ -26,11 +26,11 @@ from serving.predictor import Predictor
 from streams.errors import InvalidEvent
 from streams.kafka_io import KafkaConfig, make_consumer, make_producer
 from streams.redis_store import MemoryLog, RedisConfig, RegistryPointers, connect
-from streams.schemas import ArtifactManifest, parse_feedback
+from streams.schemas import ArtifactManifest, parse_feedback, parse_forget
 
 log = logging.getLogger(__name__)
 
-GROUP_ID = "driftserve-learner"
+GROUP_ROLE = "learner"
 
 
 @dataclass(frozen=True)
@@ -74,13 +74,26 @@ class Learner:
         self.memory_log = MemoryLog(client, redis_cfg, encoder.fingerprint)
         self.buffers = ReplayBuffers(buffer_dir)
         self.reports: list[RunReport] = []
+        self.unlearn: set[str] = set()  # domains whose adapter saw forgotten data: retrain from scratch
 
     # -- triggers ---------------------------------------------------------------------------------------
+    def _enough(self, examples: list[Example]) -> bool:
+        return len(examples) >= self.policy.min_examples and len({e.label for e in examples}) >= 2
+
     def due(self, domain: str) -> bool:
         examples = self.buffers.examples(domain)
-        if len(examples) < self.policy.min_examples or len({e.label for e in examples}) < 2:
-            return False
         has_adapter = domain in self.pointers.active()
+        if domain in self.unlearn:
+            if has_adapter and not self._enough(examples):
+                # Too little data left to train without the forgotten examples: stop serving the adapter.
+                self.pointers.clear(domain)
+                log.info("domain %s: adapter withdrawn after forget (too little data left)", domain)
+            if not has_adapter or not self._enough(examples):
+                self.unlearn.discard(domain)
+                return False
+            return True
+        if not self._enough(examples):
+            return False
         return not has_adapter or self.buffers.new_since_train(domain) >= self.policy.retrain_every
 
     # -- one training run -------------------------------------------------------------------------------
@@ -100,8 +113,14 @@ class Learner:
         n_hold = int(len(examples) * self.policy.holdout_frac)
         train, hold = (examples[:-n_hold], examples[-n_hold:]) if n_hold else (examples, [])
         parent = self.current(domain)
+        # Exact unlearning at adapter scope: an adapter that saw forgotten data is not a starting point.
+        unlearning = domain in self.unlearn
         trained = train_adapter(
-            self.encoder, [e.text for e in train], [e.label for e in train], self.train_cfg, parent=parent
+            self.encoder,
+            [e.text for e in train],
+            [e.label for e in train],
+            self.train_cfg,
+            parent=None if unlearning else parent,
         )
         version = artifacts.new_version()
         manifest = ArtifactManifest(
@@ -130,6 +149,11 @@ class Learner:
             scores["train_steps"] = float(trained.steps)
             scores["train_loss"] = trained.final_loss
             promoted, reason = self.gate(scores, has_holdout=bool(hold))
+            if unlearning and not promoted:
+                promoted, reason = (
+                    True,
+                    f"unlearning: replaces an adapter trained on forgotten data ({reason})",
+                )
             scores["train_seconds"] = time.monotonic() - started
             if not promoted:
                 artifacts.discard(staged)
@@ -140,6 +164,7 @@ class Learner:
             artifacts.discard(staged)
             raise
         self.buffers.mark_trained(domain)
+        self.unlearn.discard(domain)
         metrics.LEARNER_RUNS.labels("promoted" if promoted else "rejected").inc()
         metrics.LEARNER_SECONDS.observe(time.monotonic() - started)
         report = RunReport(domain, version, promoted, reason, scores)
@@ -193,8 +218,29 @@ class Learner:
         return False, f"accuracy {new:.3f} < current {cur:.3f} - {self.policy.gate_epsilon}"
 
     # -- the loop ---------------------------------------------------------------------------------------
+    def apply(self, records: list) -> None:
+        """Buffer feedback and apply forgets (durably) for one polled batch."""
+        events = []
+        for rec in records:
+            try:
+                if rec.topic == self.kafka.forget_topic:
+                    forget = parse_forget(rec.value).event
+                    self.buffers.add(events)  # order: what came before the forget is covered by it
+                    events = []
+                    for domain in self.buffers.forget(list(forget.event_ids), forget.subject_id):
+                        self.unlearn.add(domain)
+                    metrics.FEEDBACK_CONSUMED.labels("learner", "forget").inc()
+                else:
+                    events.append(parse_feedback(rec.value).event)
+            except InvalidEvent:
+                metrics.FEEDBACK_CONSUMED.labels("learner", "invalid").inc()
+        self.buffers.add(events)
+        metrics.FEEDBACK_CONSUMED.labels("learner", "applied").inc(len(events))
+
     def run(self, stop: threading.Event, on_ready=None) -> None:
-        consumer = make_consumer(self.kafka, GROUP_ID, [self.kafka.feedback_topic])
+        consumer = make_consumer(
+            self.kafka, self.kafka.group(GROUP_ROLE), [self.kafka.feedback_topic, self.kafka.forget_topic]
+        )
         producer = make_producer(self.kafka)
         try:
             while not stop.is_set():
@@ -204,15 +250,8 @@ class Learner:
                     on_ready = None
                 records = [r for batch in polled.values() for r in batch]
                 if records:
-                    events = []
-                    for rec in records:
-                        try:
-                            events.append(parse_feedback(rec.value).event)
-                        except InvalidEvent:
-                            metrics.FEEDBACK_CONSUMED.labels("learner", "invalid").inc()
-                    self.buffers.add(events)  # durable before the commit
+                    self.apply(records)  # durable before the commit
                     consumer.commit()
-                    metrics.FEEDBACK_CONSUMED.labels("learner", "applied").inc(len(events))
                 for domain in self.buffers.domains():
                     if stop.is_set() or not self.due(domain):
                         continue

@@ -82,6 +82,53 @@ def _cmd_learner(_args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _memory_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action", choices=["rebuild"], help="rebuild: reconstruct the error memory from the log"
+    )
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument(
+        "--from-offset", type=int, default=None, help="start at this offset in every partition"
+    )
+    start.add_argument(
+        "--from-time", default=None, help="start at this time (ISO-8601 or seconds since the epoch)"
+    )
+
+
+def _parse_time(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        from datetime import datetime
+
+        return datetime.fromisoformat(value).timestamp()
+
+
+def _cmd_memory(args: argparse.Namespace, settings: Settings) -> int:
+    from ops.memory_admin import Rebuilder
+
+    from_time = _parse_time(args.from_time) if args.from_time else None
+    report = Rebuilder(settings).run(from_offset=args.from_offset, from_time=from_time)
+    print(
+        f"error memory rebuilt as generation {report.generation}: {report.added} entries from "
+        f"{report.events} events ({report.forgets} forget events honoured, {report.skipped_invalid} invalid "
+        f"skipped, {report.caught_up} caught up while rebuilding) in {report.seconds:.1f}s"
+    )
+    return 0
+
+
+def _replay_arguments(parser: argparse.ArgumentParser) -> None:
+    from ops.replay.cli import add_arguments
+
+    add_arguments(parser)
+
+
+def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from ops.replay.cli import run
+
+    return run(args, settings)
+
+
 COMMANDS = {
     "up": (
         _cmd_up,
@@ -90,7 +137,10 @@ COMMANDS = {
     "demo": (_cmd_up, "start the embedded stack, show a correction and an adapter hot-swap, then stop"),
     "memory-writer": (_cmd_memory_writer, "consume feedback into the Redis error memory"),
     "learner": (_cmd_learner, "consume feedback, train and publish adapters"),
+    "memory": (_cmd_memory, "error-memory administration: rebuild from the Kafka log"),
+    "replay": (_cmd_replay, "replay a labelled stream against driftserve and report prequential quality"),
 }
+EXTRA_ARGUMENTS = {"memory": _memory_arguments, "replay": _replay_arguments}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_fn, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if name in EXTRA_ARGUMENTS:
+            EXTRA_ARGUMENTS[name](p)
         _add_settings_flags(p)
     return parser
 

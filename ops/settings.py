@@ -8,7 +8,7 @@ call :func:`load_settings`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,14 +33,27 @@ class Settings(BaseSettings):
     feedback_topic: str = "driftserve.feedback"
     dlq_topic: str = "driftserve.dlq"
     rollout_topic: str = "driftserve.rollout"
+    forget_topic: str = "driftserve.forget"
     feedback_partitions: int = Field(3, ge=1)
+    consumer_group_prefix: str = Field(
+        "driftserve", description="consumer groups: <prefix>-memory-writer, ..."
+    )
     kafka_session_timeout_ms: int = Field(6000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(2000, ge=100)
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = Field(None, description="CA bundle to verify the brokers")
+    kafka_ssl_certfile: str | None = Field(None, description="client certificate for mutual TLS")
+    kafka_ssl_keyfile: str | None = None
 
     # Redis
     redis_url: str = "redis://127.0.0.1:16379/0"
     redis_password: SecretStr | None = Field(None, description="overrides any password in redis_url")
     redis_namespace: str = "ds"
+    redis_ssl_ca_certs: str | None = Field(None, description="CA bundle for rediss:// URLs")
+    request_embedding_ttl_s: int = Field(900, ge=1, description="how long feedback can name a request id")
 
     # Embedded stack (driftserve up)
     state_dir: Path = Field(Path(".driftserve"), description="artifacts, Redis AOF, logs, metrics")
@@ -95,6 +108,15 @@ class Settings(BaseSettings):
             feedback_topic=self.feedback_topic,
             dlq_topic=self.dlq_topic,
             rollout_topic=self.rollout_topic,
+            forget_topic=self.forget_topic,
+            group_prefix=self.consumer_group_prefix,
+            security_protocol=self.kafka_security_protocol,
+            sasl_mechanism=self.kafka_sasl_mechanism,
+            sasl_username=self.kafka_sasl_username,
+            sasl_password=self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None,
+            ssl_cafile=self.kafka_ssl_cafile,
+            ssl_certfile=self.kafka_ssl_certfile,
+            ssl_keyfile=self.kafka_ssl_keyfile,
             partitions=self.feedback_partitions,
             session_timeout_ms=self.kafka_session_timeout_ms,
             heartbeat_interval_ms=self.kafka_heartbeat_interval_ms,
@@ -111,7 +133,12 @@ class Settings(BaseSettings):
                 f":{parts.port}" if parts.port else ""
             )
             url = urlunsplit(parts._replace(netloc=netloc))
-        return RedisConfig(url=url, namespace=self.redis_namespace)
+        return RedisConfig(
+            url=url,
+            namespace=self.redis_namespace,
+            ssl_ca_certs=self.redis_ssl_ca_certs,
+            request_ttl_s=self.request_embedding_ttl_s,
+        )
 
     def compensation(self) -> CompensationConfig:
         return CompensationConfig(

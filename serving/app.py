@@ -20,12 +20,14 @@ from serving import metrics
 from serving.config import ServingConfig
 from serving.encoder import Encoder
 from serving.errors import FeedbackUnavailable, NotReady, ServingError
-from serving.http_api import FeedbackAccepted, FeedbackRequest, PredictRequest, PredictResponse
+from serving.http_api import FeedbackAccepted, FeedbackRequest, ForgetRequest, PredictRequest, PredictResponse
 from serving.memory import InProcessMemory
 from serving.predictor import Predictor
 from serving.sync import ReplicaSync
+from streams.errors import StoreUnavailable
 from streams.kafka_io import make_producer
-from streams.schemas import DEFAULT_DOMAIN, FeedbackEvent
+from streams.redis_store import RequestEmbeddings
+from streams.schemas import DEFAULT_DOMAIN, FeedbackEvent, ForgetEvent
 
 log = logging.getLogger("driftserve.serving")
 
@@ -78,7 +80,7 @@ async def _limits_and_metrics(request: Request, call_next):
     return response
 
 
-_KNOWN_PATHS = {"/healthz", "/v1/predict", "/v1/feedback", "/metrics"}
+_KNOWN_PATHS = {"/healthz", "/v1/predict", "/v1/feedback", "/v1/forget", "/metrics"}
 
 
 @serve.deployment(name="driftserve", max_ongoing_requests=64, health_check_period_s=5)
@@ -91,6 +93,7 @@ class DriftServe:
         encoder = Encoder(cfg.model_path, device=cfg.device, max_length=cfg.max_length)
         self.predictor = Predictor(encoder, InProcessMemory(encoder.dim), cfg.compensation)
         self.sync = ReplicaSync(self.predictor, cfg.redis, cfg.artifacts_dir, cfg.sync_interval_s)
+        self.request_embeddings = RequestEmbeddings(self.sync.client, cfg.redis, encoder.fingerprint)
         try:  # catch up before taking traffic, so a fresh replica serves the same memory as the others
             self.sync.step()
         except Exception as exc:  # Redis down at start: serve uncompensated, sync thread keeps trying
@@ -122,6 +125,13 @@ class DriftServe:
         """Serve's replica health check: unhealthy only if the sync thread died."""
         if not self.sync._thread.is_alive():
             raise RuntimeError("sync thread stopped")
+
+    def _remember_request(self, request_id: str, key) -> None:
+        """Fast path for feedback naming this request: its memory key is cached, not re-encoded."""
+        try:
+            self.request_embeddings.put_many([(request_id, key)])
+        except StoreUnavailable:
+            metrics.MEMORY_SYNC_ERRORS.inc()
 
     def _kafka_connected(self) -> bool:
         producer = self._connect_producer()
@@ -157,6 +167,7 @@ class DriftServe:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         domain = body.domain or DEFAULT_DOMAIN
         (pred,) = self.predictor.predict([body.text], [domain])
+        self._remember_request(request_id, pred.key)
         metrics.PREDICTIONS.labels(
             "adapter" if pred.adapter else ("prototype" if pred.label else "none")
         ).inc()
@@ -173,22 +184,34 @@ class DriftServe:
 
     @api.post("/v1/feedback", status_code=202, response_model=FeedbackAccepted)
     def feedback(self, body: FeedbackRequest) -> FeedbackAccepted:
+        event = FeedbackEvent(**body.model_dump(exclude_none=True))
+        accepted = self._produce(self.cfg.kafka.feedback_topic, event.domain.encode(), event.to_bytes())
+        return accepted.model_copy(update={"event_id": event.event_id})
+
+    def _produce(self, topic: str, key: bytes, value: bytes) -> FeedbackAccepted:
         producer = self._connect_producer()
         if producer is None:
             metrics.FEEDBACK_PRODUCED.labels("unavailable").inc()
             raise FeedbackUnavailable(f"feedback stream unavailable: {self._producer_error}")
-        event = FeedbackEvent(**body.model_dump(exclude_none=True))
         try:
-            meta = producer.send(
-                self.cfg.kafka.feedback_topic, key=event.domain.encode(), value=event.to_bytes()
-            ).get(timeout=10)
+            meta = producer.send(topic, key=key, value=value).get(timeout=10)
         except KafkaError as exc:
             metrics.FEEDBACK_PRODUCED.labels("failed").inc()
-            raise FeedbackUnavailable(f"feedback not stored: {exc}") from exc
+            raise FeedbackUnavailable(f"not stored: {exc}") from exc
         metrics.FEEDBACK_PRODUCED.labels("accepted").inc()
-        return FeedbackAccepted(
-            event_id=event.event_id, topic=meta.topic, partition=meta.partition, offset=meta.offset
+        return FeedbackAccepted(event_id="", topic=meta.topic, partition=meta.partition, offset=meta.offset)
+
+    @api.post("/v1/forget", status_code=202, response_model=FeedbackAccepted)
+    def forget(self, body: ForgetRequest) -> FeedbackAccepted:
+        """Remove every memory entry and replay-buffer example derived from these events or subject."""
+        event = ForgetEvent(
+            forget_id=body.forget_id or uuid.uuid4().hex,
+            event_ids=tuple(body.event_ids),
+            subject_id=body.subject_id,
+            reason=body.reason,
         )
+        accepted = self._produce(self.cfg.kafka.forget_topic, event.forget_id.encode(), event.to_bytes())
+        return accepted.model_copy(update={"event_id": event.forget_id})
 
     @api.get("/metrics")
     def prometheus(self) -> Response:

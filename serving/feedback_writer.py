@@ -1,16 +1,19 @@
-"""The memory writer: Kafka feedback -> error-memory entries in Redis.
+"""The memory writer: Kafka feedback and forget events -> the error memory in Redis.
 
-Per polled batch: parse in our code (bad messages are dead-lettered with the reason), encode the texts
-in one batch, append to the Redis log with the idempotency key, and only then commit the offsets. If
-Redis or the DLQ write fails, nothing is committed; the consumer rewinds to the batch start and retries,
-and idempotency makes the replay harmless.
+Per polled batch: parse in our code (bad messages are dead-lettered with the reason and origin), take
+each feedback's memory key from the request-embedding cache when it names a request id and encode the
+rest in one batch, append to the Redis log under the idempotency key, apply forgets, and only then commit
+the offsets. If Redis or the DLQ write fails nothing is committed: the consumer rewinds to the batch start
+and retries, and idempotency makes the replay harmless.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
+import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
@@ -18,67 +21,121 @@ from serving import metrics
 from serving.encoder import Encoder
 from streams.errors import InvalidEvent, StoreUnavailable
 from streams.kafka_io import KafkaConfig, dead_letter, make_consumer, make_producer
-from streams.redis_store import MemoryEntry, MemoryLog, RedisConfig, connect
-from streams.schemas import FeedbackEvent, parse_feedback
+from streams.redis_store import MemoryEntry, MemoryLog, RedisConfig, RequestEmbeddings, connect
+from streams.schemas import FeedbackEvent, ForgetEvent, parse_feedback, parse_forget
 
 log = logging.getLogger(__name__)
 
-GROUP_ID = "driftserve-memory-writer"
+GROUP_ROLE = "memory-writer"
 
 
 class MemoryWriter:
-    def __init__(self, encoder: Encoder, kafka: KafkaConfig, log: MemoryLog, producer: KafkaProducer) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        kafka: KafkaConfig,
+        log: MemoryLog,
+        producer: KafkaProducer,
+        request_embeddings: RequestEmbeddings | None = None,
+    ) -> None:
         self.encoder = encoder
         self.kafka = kafka
         self.log = log
+        self.request_embeddings = request_embeddings
         self._producer = producer
 
     @classmethod
     def connect(cls, encoder: Encoder, kafka: KafkaConfig, redis_cfg: RedisConfig) -> MemoryWriter:
-        log = MemoryLog(connect(redis_cfg), redis_cfg, encoder.fingerprint)
-        return cls(encoder, kafka, log, make_producer(kafka))
+        client = connect(redis_cfg)
+        return cls(
+            encoder,
+            kafka,
+            MemoryLog(client, redis_cfg, encoder.fingerprint),
+            make_producer(kafka),
+            RequestEmbeddings(client, redis_cfg, encoder.fingerprint),
+        )
+
+    def _dead_letter(self, rec: ConsumerRecord, exc: InvalidEvent) -> None:
+        dead_letter(
+            self._producer,
+            self.kafka,
+            value=rec.value,
+            key=rec.key,
+            reason=exc.reason,
+            detail=exc.detail,
+            topic=rec.topic,
+            partition=rec.partition,
+            offset=rec.offset,
+        )
+        log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, exc)
+
+    def keys_for(self, events: list[FeedbackEvent]) -> np.ndarray:
+        """Memory keys: cached request embeddings where the feedback names a request, else encoded."""
+        keys = np.zeros((len(events), self.encoder.dim), dtype=np.float32)
+        missing = list(range(len(events)))
+        if self.request_embeddings is not None:
+            named = [i for i, e in enumerate(events) if e.request_id]
+            try:
+                cached = self.request_embeddings.get_many(
+                    [events[i].request_id for i in named], self.encoder.dim
+                )
+            except StoreUnavailable:
+                cached = [None] * len(named)
+            hits = {i for i, vec in zip(named, cached, strict=True) if vec is not None}
+            for i, vec in zip(named, cached, strict=True):
+                if vec is not None:
+                    keys[i] = vec
+            missing = [i for i in missing if i not in hits]
+            if hits:
+                metrics.FEEDBACK_KEYS.labels("request_cache").inc(len(hits))
+        if missing:
+            keys[missing] = self.encoder.encode([events[i].text for i in missing])
+            metrics.FEEDBACK_KEYS.labels("encoded").inc(len(missing))
+        return keys
 
     def handle(self, records: list[ConsumerRecord]) -> dict[str, int]:
-        """Apply one batch; raises (without side effects beyond idempotent ones) if it must be retried."""
-        counts = {"applied": 0, "duplicate": 0, "dead_lettered": 0}
-        events: list[FeedbackEvent] = []
+        """Apply one batch in order; raises (after only idempotent effects) if it must be retried."""
+        counts = {"applied": 0, "duplicate": 0, "dead_lettered": 0, "forgotten": 0}
+        if hasattr(self.log, "follow"):
+            self.log = self.log.follow()  # a rebuild may have switched the generation
+        feedback: list[FeedbackEvent] = []
+        forgets: list[ForgetEvent] = []
         for rec in records:
             try:
-                parsed = parse_feedback(rec.value)
-            except InvalidEvent as exc:
-                dead_letter(
-                    self._producer,
-                    self.kafka,
-                    value=rec.value,
-                    key=rec.key,
-                    reason=exc.reason,
-                    detail=exc.detail,
-                    topic=rec.topic,
-                    partition=rec.partition,
-                    offset=rec.offset,
+                parsed = (
+                    parse_forget(rec.value)
+                    if rec.topic == self.kafka.forget_topic
+                    else parse_feedback(rec.value)
                 )
+            except InvalidEvent as exc:
+                self._dead_letter(rec, exc)
                 counts["dead_lettered"] += 1
-                log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, exc)
                 continue
             if parsed.unknown_fields:
                 metrics.FEEDBACK_UNKNOWN_FIELDS.inc(len(parsed.unknown_fields))
-            events.append(parsed.event)
-        if events:
-            keys = self.encoder.encode([e.text for e in events])
+            (forgets if isinstance(parsed.event, ForgetEvent) else feedback).append(parsed.event)
+        if feedback:
+            keys = self.keys_for(feedback)
+            version = self.encoder.fingerprint[:12]
             entries = [
-                MemoryEntry(e.event_id, e.domain, e.label, keys[i], e.ts, self.encoder.fingerprint[:12])
-                for i, e in enumerate(events)
+                MemoryEntry(e.event_id, e.domain, e.label, keys[i], e.ts, version, e.subject_id)
+                for i, e in enumerate(feedback)
             ]
             new = self.log.add_once(entries)
             counts["applied"] += new
             counts["duplicate"] += len(entries) - new
+        # Forgets after adds: a forget in the same batch as its event still removes it.
+        for f in forgets:
+            counts["forgotten"] += self.log.forget(list(f.event_ids), f.subject_id)
         for outcome, n in counts.items():
             if n:
                 metrics.FEEDBACK_CONSUMED.labels("memory_writer", outcome).inc(n)
         return counts
 
     def run(self, stop: threading.Event, on_ready=None, on_batch=None) -> None:
-        consumer = make_consumer(self.kafka, GROUP_ID, [self.kafka.feedback_topic])
+        topics = [self.kafka.feedback_topic, self.kafka.forget_topic]
+        consumer = make_consumer(self.kafka, self.kafka.group(GROUP_ROLE), topics)
+        lag = LagReporter(consumer, "memory_writer")
         try:
             while not stop.is_set():
                 polled = consumer.poll(timeout_ms=200)
@@ -86,27 +143,55 @@ class MemoryWriter:
                     on_ready()
                     on_ready = None
                 records = [r for batch in polled.values() for r in batch]
-                if not records:
-                    continue
-                try:
-                    counts = self.handle(records)
-                except (StoreUnavailable, Exception) as exc:  # retry the whole batch: nothing was committed
-                    log.warning("batch of %d failed, will retry: %s", len(records), exc)
-                    _rewind(consumer, records)
-                    stop.wait(1.0)
-                    continue
-                consumer.commit()
-                if on_batch is not None:
-                    on_batch(counts)
+                if records:
+                    try:
+                        counts = self.handle(records)
+                    except Exception as exc:  # retry the whole batch: nothing was committed
+                        log.warning("batch of %d failed, will retry: %s", len(records), exc)
+                        metrics.CONSUMER_RETRIES.labels("memory_writer").inc()
+                        rewind(consumer, records)
+                        stop.wait(1.0)
+                        continue
+                    consumer.commit()
+                    if on_batch is not None:
+                        on_batch(counts)
+                lag.maybe_report()
         finally:
             consumer.close(autocommit=False)
             self._producer.close(timeout=5)
 
 
-def _rewind(consumer: KafkaConsumer, records: list[ConsumerRecord]) -> None:
+def rewind(consumer: KafkaConsumer, records: list[ConsumerRecord]) -> None:
     first: dict[TopicPartition, int] = {}
     for r in records:
         tp = TopicPartition(r.topic, r.partition)
         first[tp] = min(first.get(tp, r.offset), r.offset)
     for tp, offset in first.items():
         consumer.seek(tp, offset)
+
+
+class LagReporter:
+    """Consumer lag (end offset - position, summed over assigned partitions), at most every ``period_s``."""
+
+    def __init__(self, consumer: KafkaConsumer, name: str, period_s: float = 2.0) -> None:
+        self.consumer = consumer
+        self.name = name
+        self.period_s = period_s
+        self._next = 0.0
+
+    def maybe_report(self) -> int | None:
+        now = time.monotonic()
+        if now < self._next:
+            return None
+        self._next = now + self.period_s
+        partitions = list(self.consumer.assignment())
+        if not partitions:
+            return None
+        try:
+            ends = self.consumer.end_offsets(partitions)
+            lag = sum(max(0, ends[tp] - self.consumer.position(tp)) for tp in partitions)
+        except Exception as exc:  # lag is telemetry; never let it stop consumption
+            log.debug("lag probe failed: %s", exc)
+            return None
+        metrics.CONSUMER_LAG.labels(self.name).set(lag)
+        return lag

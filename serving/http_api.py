@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from streams.schemas import MAX_ID_CHARS, MAX_LABEL_CHARS, MAX_TEXT_CHARS
 
@@ -41,6 +41,20 @@ class FeedbackRequest(_Strict):
     request_id: str | None = Field(default=None, max_length=MAX_ID_CHARS)
 
     _check = field_validator("event_id", "text", "label", "domain")(_nonblank)
+    subject_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
+
+
+class ForgetRequest(_Strict):
+    forget_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
+    event_ids: list[str] = Field(default_factory=list, max_length=10_000)
+    subject_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
+    reason: str = Field(default="", max_length=1000)
+
+    @model_validator(mode="after")
+    def _has_target(self) -> ForgetRequest:
+        if not self.event_ids and self.subject_id is None:
+            raise ValueError("give event_ids or subject_id")
+        return self
 
 
 class FeedbackAccepted(BaseModel):

@@ -34,22 +34,44 @@ class _Domain:
     class_sums: dict[str, np.ndarray] = field(default_factory=dict)
     class_counts: dict[str, int] = field(default_factory=dict)
 
+    live: int = 0
+
     def __post_init__(self) -> None:
         self.keys = np.zeros((64, self.dim), dtype=np.float32)
+        self.alive = np.zeros(64, dtype=bool)
 
-    def append(self, emb: np.ndarray, label: str) -> None:
+    def append(self, emb: np.ndarray, label: str) -> int:
         if self.size == self.keys.shape[0]:
             grown = np.zeros((self.keys.shape[0] * 2, self.dim), dtype=np.float32)
             grown[: self.size] = self.keys[: self.size]
             self.keys = grown
-        self.keys[self.size] = emb
+            alive = np.zeros(grown.shape[0], dtype=bool)
+            alive[: self.size] = self.alive[: self.size]
+            self.alive = alive
+        row = self.size
+        self.keys[row] = emb
+        self.alive[row] = True
         self.size += 1
+        self.live += 1
         self.labels.append(label)
         if label not in self.class_sums:
             self.class_sums[label] = np.zeros(self.dim, dtype=np.float64)
             self.class_counts[label] = 0
         self.class_sums[label] += emb
         self.class_counts[label] += 1
+        return row
+
+    def remove(self, row: int) -> None:
+        """Deleted rows stay in the matrix (masked) so that row numbers remain stable."""
+        if not self.alive[row]:
+            return
+        self.alive[row] = False
+        self.live -= 1
+        label = self.labels[row]
+        self.class_sums[label] -= self.keys[row]
+        self.class_counts[label] -= 1
+        if self.class_counts[label] == 0:
+            del self.class_sums[label], self.class_counts[label]
 
 
 class InProcessMemory:
@@ -58,29 +80,61 @@ class InProcessMemory:
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self._domains: dict[str, _Domain] = {}
-        self._seen: set[str] = set()
+        self._rows: dict[str, tuple[str, int]] = {}  # event id -> (domain, row); deleted ids stay
         self._lock = threading.Lock()
 
     def add(self, entries: list[MemoryEntry]) -> int:
         added = 0
         with self._lock:
             for e in entries:
-                if e.event_id in self._seen or e.embedding.shape != (self.dim,):
+                if e.event_id in self._rows or e.embedding.shape != (self.dim,):
                     continue
-                self._seen.add(e.event_id)
-                self._domains.setdefault(e.domain, _Domain(self.dim)).append(e.embedding, e.label)
+                row = self._domains.setdefault(e.domain, _Domain(self.dim)).append(e.embedding, e.label)
+                self._rows[e.event_id] = (e.domain, row)
                 added += 1
         return added
+
+    def remove(self, event_ids: list[str]) -> int:
+        removed = 0
+        with self._lock:
+            for event_id in event_ids:
+                where = self._rows.get(event_id)
+                if where is None:
+                    continue
+                d = self._domains[where[0]]
+                if d.alive[where[1]]:
+                    d.remove(where[1])
+                    removed += 1
+        return removed
+
+    def apply(self, ops: list) -> None:
+        """Apply a batch from the Redis log in order: entries are added, deletions remove."""
+        batch: list[MemoryEntry] = []
+        for op in ops:
+            if isinstance(op, MemoryEntry):
+                batch.append(op)
+            else:
+                self.add(batch)
+                batch = []
+                self.remove([op.event_id])
+        self.add(batch)
+
+    def contains(self, event_id: str) -> bool:
+        with self._lock:
+            where = self._rows.get(event_id)
+            return where is not None and bool(self._domains[where[0]].alive[where[1]])
 
     def search(self, domain: str, query: np.ndarray, k: int) -> tuple[np.ndarray, list[str]]:
         """Top-``k`` cosine similarities (descending) and their labels within ``domain``."""
         with self._lock:
             d = self._domains.get(domain)
-            if d is None or d.size == 0:
+            if d is None or d.live == 0:
                 return np.zeros(0, dtype=np.float32), []
             sims = d.keys[: d.size] @ query.astype(np.float32, copy=False)
+            if d.live < d.size:
+                sims[~d.alive[: d.size]] = -np.inf
             labels = d.labels
-        k = min(k, sims.shape[0])
+        k = min(k, d.live)
         idx = np.argpartition(-sims, k - 1)[:k] if k < sims.shape[0] else np.arange(sims.shape[0])
         idx = idx[np.argsort(-sims[idx])]
         return sims[idx], [labels[i] for i in idx]
@@ -107,4 +161,4 @@ class InProcessMemory:
 
     def __len__(self) -> int:
         with self._lock:
-            return sum(d.size for d in self._domains.values())
+            return sum(d.live for d in self._domains.values())

@@ -45,6 +45,16 @@ FEEDBACK_CONSUMED = Counter(
 FEEDBACK_UNKNOWN_FIELDS = Counter(
     "driftserve_feedback_unknown_fields_total", "unknown fields ignored in feedback events"
 )
+FEEDBACK_KEYS = Counter(
+    "driftserve_feedback_keys_total", "memory keys by source", ["source"]
+)  # request_cache | encoded
+CONSUMER_LAG = Gauge(
+    "driftserve_consumer_lag_messages",
+    "messages behind the log end",
+    ["consumer"],
+    multiprocess_mode="liveall",
+)
+CONSUMER_RETRIES = Counter("driftserve_consumer_retries_total", "batches rewound and retried", ["consumer"])
 FEEDBACK_PRODUCED = Counter("driftserve_feedback_produced_total", "feedback accepted over HTTP", ["outcome"])
 LEARNER_RUNS = Counter(
     "driftserve_learner_runs_total", "training runs", ["outcome"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,6 +32,7 @@ class Prediction:
     adapter: str | None
     compensated: bool
     blend: float
+    key: np.ndarray = field(repr=False, compare=False, default_factory=lambda: np.zeros(0, np.float32))
 
 
 @dataclass(frozen=True)
@@ -133,4 +134,5 @@ class Predictor:
             adapter=adapter,
             compensated=blend > 0.0,
             blend=blend,
+            key=key,
         )

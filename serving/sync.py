@@ -13,6 +13,7 @@ from pathlib import Path
 from serving import metrics
 from serving.artifacts import load_artifact
 from serving.errors import ArtifactRejected
+from serving.memory import InProcessMemory
 from serving.predictor import Predictor
 from streams.errors import StoreUnavailable
 from streams.redis_store import MemoryLog, RedisConfig, RegistryPointers, connect
@@ -28,8 +29,9 @@ class ReplicaSync:
         self.artifacts_dir = Path(artifacts_dir)
         self.interval_s = interval_s
         client = connect(redis_cfg)
-        self._client = client
-        self.log = MemoryLog(client, redis_cfg, predictor.encoder.fingerprint)
+        self.client = client
+        self._redis_cfg = redis_cfg
+        self.log = MemoryLog(client, redis_cfg, predictor.encoder.fingerprint, generation=-1)
         self.pointers = RegistryPointers(client, redis_cfg)
         self._last_id = "0"
         self._rejected: set[tuple[str, str]] = set()
@@ -45,18 +47,36 @@ class ReplicaSync:
         self._stop.set()
         self._thread.join(timeout=5)
 
+    def _switch_generation(self, generation: int) -> None:
+        """A rebuild finished: load the new generation completely, then swap it in at once."""
+        log_ = self.log.at(generation)
+        fresh = InProcessMemory(self.predictor.encoder.dim)
+        last = "0"
+        while batch := log_.read_since(last):
+            last = batch[-1][0]
+            fresh.apply([op for _, op in batch])
+        self.predictor.memory = fresh
+        self.log, self._last_id = log_, last
+        log.info("error memory switched to generation %d (%d entries)", generation, len(fresh))
+
     def step(self, block_ms: int | None = None) -> None:
-        """One round: new memory entries, then registry pointers. Raises StoreUnavailable."""
+        """One round: memory generation, new memory operations, registry pointers. Raises StoreUnavailable."""
+        generation = self.log.current_generation()
+        if generation != self.log.generation:
+            self._switch_generation(generation)
         while True:
             batch = self.log.read_since(self._last_id, block_ms=block_ms)
             if not batch:
                 break
             self._last_id = batch[-1][0]
-            self.predictor.memory.add([entry for _, entry in batch])
+            self.predictor.memory.apply([op for _, op in batch])
             block_ms = None  # only the first read may block
         metrics.MEMORY_ENTRIES.set(len(self.predictor.memory))
         active = self.predictor.active_versions()
-        for domain, version in self.pointers.active().items():
+        pointers = self.pointers.active()
+        for domain in set(active) - set(pointers):
+            self.predictor.deactivate(domain)  # withdrawn (e.g. after a forget left too little data)
+        for domain, version in pointers.items():
             if active.get(domain) == version or (domain, version) in self._rejected:
                 continue
             self._activate(domain, version)

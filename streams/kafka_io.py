@@ -11,7 +11,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 FEEDBACK_TOPIC = "driftserve.feedback"
 DLQ_TOPIC = "driftserve.dlq"
 ROLLOUT_TOPIC = "driftserve.rollout"
+FORGET_TOPIC = "driftserve.forget"
 
 
 @dataclass(frozen=True)
@@ -32,16 +34,47 @@ class KafkaConfig:
     feedback_topic: str = FEEDBACK_TOPIC
     dlq_topic: str = DLQ_TOPIC
     rollout_topic: str = ROLLOUT_TOPIC
+    forget_topic: str = FORGET_TOPIC
     partitions: int = 3
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 2000
     client_id: str = "driftserve"
+    group_prefix: str = "driftserve"  # consumer groups are <prefix>-memory-writer, <prefix>-learner
+
+    def group(self, role: str) -> str:
+        return f"{self.group_prefix}-{role}"
+
+    # Security: PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL; SCRAM-SHA-256/512 or PLAIN for SASL.
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Connection and security options shared by producers, consumers and the admin client."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol,
+        }
+        if self.security_protocol.startswith("SASL"):
+            kwargs.update(
+                sasl_mechanism=self.sasl_mechanism or "SCRAM-SHA-512",
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(self, name):
+                kwargs[name] = getattr(self, name)
+        return kwargs
 
 
 def make_producer(cfg: KafkaConfig) -> KafkaProducer:
     """A producer that waits for the broker's acknowledgement of every write."""
     return KafkaProducer(
-        bootstrap_servers=cfg.bootstrap_servers,
+        **cfg.client_kwargs(),
         client_id=cfg.client_id,
         acks="all",
         retries=5,
@@ -54,7 +87,7 @@ def make_producer(cfg: KafkaConfig) -> KafkaProducer:
 def make_consumer(cfg: KafkaConfig, group_id: str, topics: Iterable[str]) -> KafkaConsumer:
     return KafkaConsumer(
         *topics,
-        bootstrap_servers=cfg.bootstrap_servers,
+        **cfg.client_kwargs(),
         client_id=f"{cfg.client_id}-{group_id}",
         group_id=group_id,
         enable_auto_commit=False,
@@ -72,7 +105,7 @@ def ensure_topics(cfg: KafkaConfig, timeout_s: float = 20.0) -> None:
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers, client_id=cfg.client_id)
+            admin = KafkaAdminClient(**cfg.client_kwargs(), client_id=cfg.client_id)
         except KafkaError as exc:
             last = exc
             time.sleep(0.3)
@@ -81,7 +114,7 @@ def ensure_topics(cfg: KafkaConfig, timeout_s: float = 20.0) -> None:
             existing = set(admin.list_topics())
             wanted = [
                 NewTopic(name, cfg.partitions if name == cfg.feedback_topic else 1, 1)
-                for name in (cfg.feedback_topic, cfg.dlq_topic, cfg.rollout_topic)
+                for name in (cfg.feedback_topic, cfg.dlq_topic, cfg.rollout_topic, cfg.forget_topic)
                 if name not in existing
             ]
             if wanted:

@@ -1,8 +1,11 @@
-"""Redis-backed stores: the error-memory log, idempotency keys and the registry's active pointers.
+"""Redis-backed stores: the error-memory log, idempotency keys, forget records, the request-embedding
+cache and the registry's active pointers.
 
-The error memory is an append-only Redis Stream per base-model fingerprint. Writers append through one
-Lua script that also sets the event's idempotency key, so a redelivered Kafka message is applied at most
-once; readers (serving replicas) tail the stream into an in-process index.
+The error memory of one base model (its fingerprint) is an append-only Redis Stream per *generation*;
+a rebuild writes a new generation from the Kafka log and then flips the generation pointer, so serving
+keeps reading the old one until the new one is complete. Writers append through Lua scripts that check
+and set the event's idempotency key in the same step, so a redelivered Kafka message is applied at most
+once, and a forgotten event or subject is never re-added by a redelivery or a rebuild.
 """
 
 from __future__ import annotations
@@ -16,10 +19,27 @@ from redis.exceptions import RedisError
 
 from streams.errors import StoreUnavailable
 
+# KEYS: applied, stream, forgotten_ids, forgotten_subjects, dup_counter, subject_index (or "")
+# ARGV: id, domain, label, emb, ts, version, subject
 _ADD_ONCE = """
-if redis.call('SET', KEYS[1], ARGV[7], 'NX') then
+if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then return 2 end
+if ARGV[7] ~= '' and redis.call('SISMEMBER', KEYS[4], ARGV[7]) == 1 then return 2 end
+if redis.call('SET', KEYS[1], 'added', 'NX') then
   redis.call('XADD', KEYS[2], '*', 'op', 'add', 'id', ARGV[1], 'domain', ARGV[2], 'label', ARGV[3],
              'emb', ARGV[4], 'ts', ARGV[5], 'version', ARGV[6])
+  if ARGV[7] ~= '' then redis.call('SADD', KEYS[6], ARGV[1]) end
+  return 1
+end
+redis.call('INCR', KEYS[5])
+return 0
+"""
+
+# KEYS: applied, stream, forgotten_ids ; ARGV: id
+_FORGET_ID = """
+redis.call('SADD', KEYS[3], ARGV[1])
+if redis.call('GET', KEYS[1]) == 'added' then
+  redis.call('SET', KEYS[1], 'deleted')
+  redis.call('XADD', KEYS[2], '*', 'op', 'del', 'id', ARGV[1])
   return 1
 end
 return 0
@@ -31,6 +51,8 @@ class RedisConfig:
     url: str = "redis://127.0.0.1:16379/0"
     namespace: str = "ds"
     socket_timeout_s: float = 2.0
+    ssl_ca_certs: str | None = None
+    request_ttl_s: int = 900
 
 
 @dataclass(frozen=True)
@@ -41,62 +63,138 @@ class MemoryEntry:
     embedding: np.ndarray  # float32, L2-normalised
     ts: float
     model_version: str
+    subject_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Deletion:
+    event_id: str
 
 
 def connect(cfg: RedisConfig) -> redis.Redis:
+    kwargs = {}
+    if cfg.ssl_ca_certs:
+        kwargs["ssl_ca_certs"] = cfg.ssl_ca_certs
     return redis.Redis.from_url(
         cfg.url,
         socket_timeout=cfg.socket_timeout_s,
         socket_connect_timeout=cfg.socket_timeout_s,
         health_check_interval=10,
+        **kwargs,
     )
 
 
-class MemoryLog:
-    """The error memory for one base model (``fingerprint``): append once, tail from an id."""
+def _guard(what: str):
+    def wrap(fn):
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except RedisError as exc:
+                raise StoreUnavailable(f"{what}: {exc}") from exc
 
-    def __init__(self, client: redis.Redis, cfg: RedisConfig, fingerprint: str) -> None:
+        inner.__name__ = fn.__name__
+        inner.__doc__ = fn.__doc__
+        return inner
+
+    return wrap
+
+
+class MemoryLog:
+    """The error memory for one base model (``fingerprint``) and generation: append once, forget, tail."""
+
+    def __init__(
+        self, client: redis.Redis, cfg: RedisConfig, fingerprint: str, generation: int | None = None
+    ) -> None:
         self._r = client
+        self._cfg = cfg
+        self._fingerprint = fingerprint
         self._ns = cfg.namespace
-        self.stream_key = f"{cfg.namespace}:mem:{fingerprint[:16]}:log"
+        self._base = f"{cfg.namespace}:mem:{fingerprint[:16]}"
+        self.generation_key = f"{self._base}:generation"
+        self.generation = self.current_generation() if generation is None else generation
+        self.stream_key = f"{self._base}:g{self.generation}:log"
+        self.forgotten_ids_key = f"{cfg.namespace}:forgotten:ids"
+        self.forgotten_subjects_key = f"{cfg.namespace}:forgotten:subjects"
+        self.duplicates_key = f"{self._base}:g{self.generation}:duplicates"
         self._add_once = client.register_script(_ADD_ONCE)
+        self._forget_id = client.register_script(_FORGET_ID)
+
+    @_guard("error memory generation read failed")
+    def current_generation(self) -> int:
+        raw = self._r.get(self.generation_key)
+        return int(raw) if raw is not None else 0
+
+    def at(self, generation: int) -> MemoryLog:
+        return MemoryLog(self._r, self._cfg, self._fingerprint, generation)
+
+    def follow(self) -> MemoryLog:
+        """This log, or the current generation's if a rebuild has switched it."""
+        generation = self.current_generation()
+        return self if generation == self.generation else self.at(generation)
+
+    @_guard("error memory generation switch failed")
+    def activate(self) -> None:
+        """Point readers at this generation (after a rebuild has written it completely)."""
+        self._r.set(self.generation_key, self.generation)
 
     def _applied_key(self, event_id: str) -> str:
-        return f"{self._ns}:applied:{self.stream_key}:{event_id}"
+        return f"{self.stream_key}:applied:{event_id}"
 
+    def _subject_key(self, subject: str) -> str:
+        return f"{self.stream_key}:subject:{subject}"
+
+    @_guard("error memory write failed")
     def add_once(self, entries: list[MemoryEntry]) -> int:
-        """Append entries not yet applied; returns how many were new. Atomic per entry."""
+        """Append entries not yet applied (and not forgotten); returns how many were new."""
         if not entries:
             return 0
-        try:
-            pipe = self._r.pipeline(transaction=False)
-            for e in entries:
-                self._add_once(
-                    keys=[self._applied_key(e.event_id), self.stream_key],
-                    args=[
-                        e.event_id,
-                        e.domain,
-                        e.label,
-                        np.asarray(e.embedding, dtype=np.float32).tobytes(),
-                        repr(float(e.ts)),
-                        e.model_version,
-                        "1",
-                    ],
-                    client=pipe,
-                )
-            return int(sum(pipe.execute()))
-        except RedisError as exc:
-            raise StoreUnavailable(f"error memory write failed: {exc}") from exc
+        pipe = self._r.pipeline(transaction=False)
+        for e in entries:
+            self._add_once(
+                keys=[
+                    self._applied_key(e.event_id),
+                    self.stream_key,
+                    self.forgotten_ids_key,
+                    self.forgotten_subjects_key,
+                    self.duplicates_key,
+                    self._subject_key(e.subject_id or ""),
+                ],
+                args=[
+                    e.event_id,
+                    e.domain,
+                    e.label,
+                    np.asarray(e.embedding, dtype=np.float32).tobytes(),
+                    repr(float(e.ts)),
+                    e.model_version,
+                    e.subject_id or "",
+                ],
+                client=pipe,
+            )
+        return sum(1 for r in pipe.execute() if r == 1)
 
+    @_guard("error memory forget failed")
+    def forget(self, event_ids: list[str], subject_id: str | None = None) -> int:
+        """Record the forget durably and append deletions for every entry it covers; returns deletions."""
+        ids = list(event_ids)
+        if subject_id is not None:
+            self._r.sadd(self.forgotten_subjects_key, subject_id)
+            ids += [m.decode() for m in self._r.smembers(self._subject_key(subject_id))]
+        pipe = self._r.pipeline(transaction=False)
+        for event_id in dict.fromkeys(ids):
+            self._forget_id(
+                keys=[self._applied_key(event_id), self.stream_key, self.forgotten_ids_key],
+                args=[event_id],
+                client=pipe,
+            )
+        return int(sum(pipe.execute()))
+
+    @_guard("error memory read failed")
     def read_since(
         self, last_id: str, block_ms: int | None = None, count: int = 2000
-    ) -> list[tuple[str, MemoryEntry]]:
-        """Entries after ``last_id`` ("0" for all), oldest first; blocks up to ``block_ms`` if none."""
-        try:
-            resp = self._r.xread({self.stream_key: last_id}, count=count, block=block_ms)
-        except RedisError as exc:
-            raise StoreUnavailable(f"error memory read failed: {exc}") from exc
-        out: list[tuple[str, MemoryEntry]] = []
+    ) -> list[tuple[str, MemoryEntry | Deletion]]:
+        """Operations after ``last_id`` ("0" for all), oldest first; blocks up to ``block_ms`` if none."""
+        resp = self._r.xread({self.stream_key: last_id}, count=count, block=block_ms)
+        out: list[tuple[str, MemoryEntry | Deletion]] = []
         for _key, items in resp or []:
             for raw_id, fields in items:
                 entry_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
@@ -104,26 +202,44 @@ class MemoryLog:
         return out
 
     def iter_all(self) -> Iterator[MemoryEntry]:
+        """Live entries (deletions applied), in write order."""
+        live: dict[str, MemoryEntry] = {}
         last = "0"
         while True:
             batch = self.read_since(last)
             if not batch:
-                return
-            for entry_id, entry in batch:
+                return iter(live.values())
+            for entry_id, op in batch:
                 last = entry_id
-                yield entry
+                if isinstance(op, Deletion):
+                    live.pop(op.event_id, None)
+                else:
+                    live[op.event_id] = op
 
+    @_guard("error memory read failed")
+    def duplicates(self) -> int:
+        return int(self._r.get(self.duplicates_key) or 0)
+
+    @_guard("error memory read failed")
     def __len__(self) -> int:
-        try:
-            return int(self._r.xlen(self.stream_key))
-        except RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+        return int(self._r.xlen(self.stream_key))
+
+    @_guard("error memory reset failed")
+    def drop(self) -> None:
+        """Delete this generation's stream and its keys (used before a rebuild writes it again)."""
+        keys = [self.stream_key, self.duplicates_key]
+        for pattern in (f"{self.stream_key}:applied:*", f"{self.stream_key}:subject:*"):
+            keys += list(self._r.scan_iter(match=pattern, count=1000))
+        for start in range(0, len(keys), 1000):
+            self._r.delete(*keys[start : start + 1000])
 
 
-def _decode(fields: dict[bytes, bytes]) -> MemoryEntry:
+def _decode(fields: dict[bytes, bytes]) -> MemoryEntry | Deletion:
     def s(name: str) -> str:
         return fields[name.encode()].decode("utf-8")
 
+    if fields.get(b"op") == b"del":
+        return Deletion(s("id"))
     return MemoryEntry(
         event_id=s("id"),
         domain=s("domain"),
@@ -134,6 +250,34 @@ def _decode(fields: dict[bytes, bytes]) -> MemoryEntry:
     )
 
 
+class RequestEmbeddings:
+    """Serving records each request's memory key under its request id for a short TTL, so feedback that
+    names the request id is written without re-encoding the text."""
+
+    def __init__(self, client: redis.Redis, cfg: RedisConfig, fingerprint: str) -> None:
+        self._r = client
+        self._prefix = f"{cfg.namespace}:req:{fingerprint[:16]}:"
+        self.ttl_s = cfg.request_ttl_s
+
+    @_guard("request embedding write failed")
+    def put_many(self, items: list[tuple[str, np.ndarray]]) -> None:
+        pipe = self._r.pipeline(transaction=False)
+        for request_id, emb in items:
+            pipe.set(self._prefix + request_id, np.asarray(emb, dtype=np.float32).tobytes(), ex=self.ttl_s)
+        pipe.execute()
+
+    @_guard("request embedding read failed")
+    def get_many(self, request_ids: list[str], dim: int) -> list[np.ndarray | None]:
+        if not request_ids:
+            return []
+        raw = self._r.mget([self._prefix + r for r in request_ids])
+        out: list[np.ndarray | None] = []
+        for value in raw:
+            vec = None if value is None else np.frombuffer(value, dtype=np.float32)
+            out.append(vec if vec is not None and vec.shape == (dim,) else None)
+        return out
+
+
 class RegistryPointers:
     """Which artifact version each domain serves. Serving polls it; learners and operators set it."""
 
@@ -141,15 +285,15 @@ class RegistryPointers:
         self._r = client
         self.key = f"{cfg.namespace}:registry:active"
 
+    @_guard("registry write failed")
     def set_active(self, domain: str, version: str) -> None:
-        try:
-            self._r.hset(self.key, domain, version)
-        except RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+        self._r.hset(self.key, domain, version)
 
+    @_guard("registry write failed")
+    def clear(self, domain: str) -> None:
+        self._r.hdel(self.key, domain)
+
+    @_guard("registry read failed")
     def active(self) -> dict[str, str]:
-        try:
-            raw = self._r.hgetall(self.key)
-        except RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+        raw = self._r.hgetall(self.key)
         return {k.decode(): v.decode() for k, v in raw.items()}

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from collections import namedtuple
 
+import numpy as np
 import pytest
 
 from serving.feedback_writer import MemoryWriter
 from streams.errors import StoreUnavailable
 from streams.kafka_io import KafkaConfig
+from streams.schemas import FeedbackEvent
 
 Record = namedtuple("Record", "topic partition offset key value")
 
@@ -32,6 +34,11 @@ class FakeLog:
     def __init__(self, fail: bool = False):
         self.applied: dict[str, object] = {}
         self.fail = fail
+        self.forgotten: list[tuple[list[str], str | None]] = []
+
+    def forget(self, event_ids, subject_id=None):
+        self.forgotten.append((event_ids, subject_id))
+        return sum(self.applied.pop(e, None) is not None for e in event_ids)
 
     def add_once(self, entries):
         if self.fail:
@@ -64,7 +71,7 @@ def test_bad_messages_are_dead_lettered_with_reason_and_origin(writer):
         _rec(4, _good(1)),
     ]
     counts = writer.handle(records)
-    assert counts == {"applied": 2, "duplicate": 0, "dead_lettered": 3}
+    assert counts == {"applied": 2, "duplicate": 0, "dead_lettered": 3, "forgotten": 0}
     reasons = [h["driftserve.reason"] for _, _, h in writer._producer.sent]
     assert reasons == [b"bad_json", b"bad_utf8", b"missing_field"]
     topic, value, headers = writer._producer.sent[0]
@@ -78,7 +85,7 @@ def test_bad_messages_are_dead_lettered_with_reason_and_origin(writer):
 def test_redelivery_is_applied_once(writer):
     writer.handle([_rec(0, _good(0)), _rec(1, _good(1))])
     counts = writer.handle([_rec(0, _good(0)), _rec(1, _good(1)), _rec(2, _good(2))])
-    assert counts == {"applied": 1, "duplicate": 2, "dead_lettered": 0}
+    assert counts == {"applied": 1, "duplicate": 2, "dead_lettered": 0, "forgotten": 0}
     assert sorted(writer.log.applied) == ["e0", "e1", "e2"]
 
 
@@ -86,3 +93,41 @@ def test_store_failure_raises_so_nothing_is_committed(tiny_encoder):
     writer = MemoryWriter(tiny_encoder, KafkaConfig(), FakeLog(fail=True), FakeProducer())
     with pytest.raises(StoreUnavailable):
         writer.handle([_rec(0, _good(0))])
+
+
+class FakeRequestEmbeddings:
+    def __init__(self, known):
+        self.known = known
+
+    def get_many(self, request_ids, dim):
+        return [self.known.get(r) for r in request_ids]
+
+
+def test_forget_after_add_in_the_same_batch(writer):
+    forget = json.dumps({"forget_id": "f1", "event_ids": ["e0"]}).encode()
+    records = [_rec(0, _good(0)), Record("driftserve.forget", 0, 0, None, forget)]
+    counts = writer.handle(records)
+    assert counts["applied"] == 1 and counts["forgotten"] == 1
+    assert writer.log.forgotten == [(["e0"], None)]
+
+
+def test_invalid_forget_is_dead_lettered(writer):
+    records = [Record("driftserve.forget", 0, 5, None, json.dumps({"forget_id": "f"}).encode())]
+    assert writer.handle(records)["dead_lettered"] == 1
+    assert writer._producer.sent[0][2]["driftserve.reason"] == b"invalid_field"
+
+
+def test_request_id_fast_path_skips_encoding(tiny_encoder):
+    cached = np.ones(tiny_encoder.dim, dtype=np.float32) / np.sqrt(tiny_encoder.dim)
+    writer = MemoryWriter(
+        tiny_encoder, KafkaConfig(), FakeLog(), FakeProducer(), FakeRequestEmbeddings({"r1": cached})
+    )
+    events = [
+        FeedbackEvent(event_id="a", text="hello", label="x", request_id="r1"),
+        FeedbackEvent(event_id="b", text="hello", label="x", request_id="unknown"),
+        FeedbackEvent(event_id="c", text="hello", label="x"),
+    ]
+    keys = writer.keys_for(events)
+    np.testing.assert_allclose(keys[0], cached)
+    np.testing.assert_allclose(keys[1], tiny_encoder.encode(["hello"])[0], atol=1e-5)
+    np.testing.assert_allclose(keys[2], keys[1], atol=1e-5)

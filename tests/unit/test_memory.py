@@ -67,3 +67,16 @@ def test_concurrent_add_and_search():
     for t in threads:
         t.join()
     assert not errors and len(mem) == 500
+
+
+def test_remove_masks_entries_and_updates_class_means():
+    from streams.redis_store import Deletion
+
+    mem = InProcessMemory(dim=2)
+    mem.apply([_entry(1, [1, 0], "a"), _entry(2, [0, 1], "b"), _entry(3, [1, 0.2], "a"), Deletion("e1")])
+    assert len(mem) == 2 and not mem.contains("e1") and mem.contains("e3")
+    sims, labels = mem.search("d", _unit([1, 0]), k=10)
+    assert labels == ["a", "b"] and len(sims) == 2
+    mem.remove(["e2"])
+    assert mem.class_means("d")[0] == ["a"]
+    assert mem.add([_entry(2, [0, 1], "b")]) == 0  # a deleted id is not re-added by a redelivery
