@@ -46,22 +46,52 @@ def _partitions(consumer: KafkaConsumer, topic: str) -> list[TopicPartition]:
     return [TopicPartition(topic, p) for p in sorted(parts)]
 
 
-def _read_range(consumer: KafkaConsumer, start: dict[TopicPartition, int], end: dict[TopicPartition, int]):
-    """Yield records with start <= offset < end, per partition."""
-    todo = {tp for tp in end if end[tp] > start.get(tp, 0)}
+def _read_range(
+    consumer: KafkaConsumer,
+    parts: list[TopicPartition],
+    start: dict[TopicPartition, int],
+    end: dict[TopicPartition, int] | None,
+    reached: dict[TopicPartition, int],
+):
+    """Yield records with start <= offset < end per partition; ``end=None`` means the high watermark
+    seen at the first fetch (a snapshot of the log end). ``reached`` receives the end used.
+
+    The high watermark comes from fetch responses, not ListOffsets: Tansu answers ListOffsets(latest)
+    with the last batch's base offset + 1, which undercounts batched partitions.
+    """
+    listed = consumer.end_offsets(parts)
+    todo = set()
+    for tp in parts:
+        begin = start.get(tp, 0)
+        if listed[tp] == 0 or (end is not None and end[tp] <= begin):
+            reached[tp] = begin if end is None else end[tp]
+            continue
+        todo.add(tp)
     if not todo:
         return
-    consumer.assign(list(todo))
+    consumer.assign(sorted(todo, key=lambda t: (t.topic, t.partition)))
     for tp in todo:
         consumer.seek(tp, start.get(tp, 0))
+    limits = dict(end) if end is not None else {}
+    idle_deadline = time.monotonic() + 30
     while todo:
-        for tp, records in consumer.poll(timeout_ms=1000).items():
+        polled = consumer.poll(timeout_ms=500)
+        for tp in list(todo):
+            if tp not in limits and consumer.highwater(tp) is not None:
+                limits[tp] = consumer.highwater(tp)
+        for tp, records in polled.items():
             for rec in records:
-                if rec.offset < end[tp]:
+                if tp not in limits or rec.offset < limits[tp]:
                     yield rec
-            if consumer.position(tp) >= end[tp]:
+        for tp in list(todo):
+            if tp in limits and consumer.position(tp) >= limits[tp]:
+                reached[tp] = limits[tp]
                 todo.discard(tp)
                 consumer.pause(tp)
+        if polled:
+            idle_deadline = time.monotonic() + 30
+        elif time.monotonic() > idle_deadline:
+            raise TimeoutError(f"no records and no log end for {sorted(map(str, todo))} within 30s")
 
 
 class Rebuilder:
@@ -71,9 +101,11 @@ class Rebuilder:
         self.encoder = encoder or make_encoder(settings)
         self.redis_cfg = settings.redis()
         self.batch_size = batch_size
+        self.from_time: float | None = None
 
     def _apply_feedback(self, target: MemoryLog, records) -> tuple[int, int, int]:
         events, invalid, added = [], 0, 0
+        not_before_ms = None if self.from_time is None else int(self.from_time * 1000)
         version = self.encoder.fingerprint[:12]
 
         def flush() -> int:
@@ -90,6 +122,8 @@ class Rebuilder:
 
         seen = 0
         for rec in records:
+            if not_before_ms is not None and rec.timestamp < not_before_ms:
+                continue
             seen += 1
             try:
                 events.append(parse_feedback(rec.value).event)
@@ -102,6 +136,7 @@ class Rebuilder:
 
     def run(self, from_offset: int | None = None, from_time: float | None = None) -> RebuildReport:
         started = time.monotonic()
+        self.from_time = from_time
         current = MemoryLog(connect(self.redis_cfg), self.redis_cfg, self.encoder.fingerprint)
         target = current.at(current.generation + 1)
         target.drop()
@@ -111,8 +146,7 @@ class Rebuilder:
             forget_parts = _partitions(consumer, self.kafka.forget_topic)
             forgets = 0
             if forget_parts:
-                end = consumer.end_offsets(forget_parts)
-                for rec in _read_range(consumer, {}, end):
+                for rec in _read_range(consumer, forget_parts, {}, None, {}):
                     try:
                         f = parse_forget(rec.value).event
                     except InvalidEvent:
@@ -121,20 +155,27 @@ class Rebuilder:
                     forgets += 1
             # 2. Feedback from the chosen start up to a snapshot of the log end.
             parts = _partitions(consumer, self.kafka.feedback_topic)
-            end1 = consumer.end_offsets(parts)
             if from_time is not None:
                 found = consumer.offsets_for_times({tp: int(from_time * 1000) for tp in parts})
-                start = {tp: (found[tp].offset if found.get(tp) else end1[tp]) for tp in parts}
+                # Where nothing is at or after T, read the partition and let the timestamp filter drop it.
+                start = {tp: found[tp].offset if found.get(tp) else 0 for tp in parts}
             else:
                 start = {tp: from_offset or 0 for tp in parts}
-            seen, added, invalid = self._apply_feedback(target, _read_range(consumer, start, end1))
+            end1: dict[TopicPartition, int] = {}
+            seen, added, invalid = self._apply_feedback(
+                target, _read_range(consumer, parts, start, None, end1)
+            )
             # 3. Switch readers and the live writer to the new generation ...
             target.activate()
-            end2 = consumer.end_offsets(parts)
-            # 4. ... wait until the live writer has finished every batch it may have written to the old
-            # generation (all such batches end before end2), then replay [end1, end2) idempotently.
+            # 4. ... then replay what arrived meanwhile. Batches the live writer applied to the old
+            # generation all end before end2 (taken after the switch): wait until it committed past end2,
+            # then replay [end1, end2) again; idempotency makes the overlap harmless.
+            end2: dict[TopicPartition, int] = {}
+            caught, added2, invalid2 = self._apply_feedback(
+                target, _read_range(consumer, parts, end1, None, end2)
+            )
             self._wait_for_writer(parts, end2)
-            caught, added2, invalid2 = self._apply_feedback(target, _read_range(consumer, end1, end2))
+            added2 += self._apply_feedback(target, _read_range(consumer, parts, end1, end2, {}))[1]
         finally:
             consumer.close()
         report = RebuildReport(

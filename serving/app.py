@@ -99,6 +99,10 @@ class DriftServe:
         except Exception as exc:  # Redis down at start: serve uncompensated, sync thread keeps trying
             log.warning("initial memory sync failed: %s", exc)
         self.sync.start()
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside Serve (never in production): still answer with something stable
+            self.replica_id = uuid.uuid4().hex[:8]
         self._producer = None
         self._producer_error: str | None = None
         self._kafka_ok = False
@@ -163,7 +167,8 @@ class DriftServe:
         )
 
     @api.post("/v1/predict", response_model=PredictResponse)
-    def predict(self, body: PredictRequest, request: Request) -> PredictResponse:
+    def predict(self, body: PredictRequest, request: Request, response: Response) -> PredictResponse:
+        response.headers["x-driftserve-replica"] = self.replica_id
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         domain = body.domain or DEFAULT_DOMAIN
         (pred,) = self.predictor.predict([body.text], [domain])

@@ -188,8 +188,14 @@ class LagReporter:
         if not partitions:
             return None
         try:
-            ends = self.consumer.end_offsets(partitions)
-            lag = sum(max(0, ends[tp] - self.consumer.position(tp)) for tp in partitions)
+            # The high watermark from fetch responses; ListOffsets is the fallback before any fetch
+            # (Tansu answers ListOffsets with the last batch's base offset + 1, an undercount).
+            missing = [tp for tp in partitions if self.consumer.highwater(tp) is None]
+            ends = self.consumer.end_offsets(missing) if missing else {}
+            lag = 0
+            for tp in partitions:
+                end = self.consumer.highwater(tp)
+                lag += max(0, (end if end is not None else ends[tp]) - self.consumer.position(tp))
         except Exception as exc:  # lag is telemetry; never let it stop consumption
             log.debug("lag probe failed: %s", exc)
             return None

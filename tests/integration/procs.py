@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ops.settings import Settings
-from ops.stack import settings_env, tansu_binary
+from ops.stack import die_with_parent, settings_env, tansu_binary
 from tests.conftest import wait_for
 
 
@@ -33,6 +33,7 @@ class WriterProcess:
                 env={**os.environ, **settings_env(self.settings), "PYTHONUNBUFFERED": "1"},
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,  # never outlive a crashed test run
             )
         self.starts += 1
         wait_for(lambda: self._alive() and self.ready_file.exists(), timeout, 0.05, "the writer to join")

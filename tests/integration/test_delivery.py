@@ -166,8 +166,8 @@ def test_poison_messages_are_dead_lettered_and_valid_ones_all_arrive(isolated, t
         bootstrap_servers=settings.kafka_bootstrap, acks="all", max_request_size=2 * MAX_EVENT_BYTES
     )
     writer = WriterProcess(settings)
-    writer.start()
     try:
+        writer.start()
         for raw in messages:
             producer.send(settings.feedback_topic, value=raw)
         producer.flush()
