@@ -129,6 +129,48 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     return run(args, settings)
 
 
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=["feedback", "memory", "encoder"], help="which benchmark")
+    parser.add_argument("--out", default="bench-results", help="directory for JSON, markdown and PNG")
+    parser.add_argument("--url", help="a running driftserve (feedback); default: start the embedded stack")
+    parser.add_argument("--bootstrap", help="Kafka bootstrap servers with --url")
+    parser.add_argument("--rate", type=float, default=200.0, help="feedback events/s (feedback)")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of feedback (feedback)")
+    parser.add_argument("--sample-every", type=int, default=50, help="probe every Nth event (feedback)")
+    parser.add_argument("--ingest-events", type=int, default=2000, help="burst size (feedback)")
+    parser.add_argument("--sizes", default="1000,10000,100000,1000000", help="memory sizes (memory)")
+
+
+def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    out = Path(args.out)
+    if args.name == "feedback":
+        from ops.bench import feedback
+
+        result = feedback.run(
+            settings,
+            out,
+            url=args.url,
+            bootstrap=args.bootstrap,
+            rate=args.rate,
+            duration=args.duration,
+            sample_every=args.sample_every,
+            ingest_events=args.ingest_events,
+        )
+        print((out / "feedback.md").read_text())
+        return 0 if result["fix"]["fix_seconds"].get("n") else 1
+    if args.name == "memory":
+        from ops.bench import memory
+
+        memory.run(out, [int(x) for x in args.sizes.split(",")])
+        return 0
+    from ops.bench import encoder
+
+    encoder.run(out)
+    return 0
+
+
 COMMANDS = {
     "up": (
         _cmd_up,
@@ -138,9 +180,10 @@ COMMANDS = {
     "memory-writer": (_cmd_memory_writer, "consume feedback into the Redis error memory"),
     "learner": (_cmd_learner, "consume feedback, train and publish adapters"),
     "memory": (_cmd_memory, "error-memory administration: rebuild from the Kafka log"),
+    "bench": (_cmd_bench, "benchmarks: feedback-to-fix and ingestion, memory lookup, encoder runtimes"),
     "replay": (_cmd_replay, "replay a labelled stream against driftserve and report prequential quality"),
 }
-EXTRA_ARGUMENTS = {"memory": _memory_arguments, "replay": _replay_arguments}
+EXTRA_ARGUMENTS = {"memory": _memory_arguments, "replay": _replay_arguments, "bench": _bench_arguments}
 
 
 def build_parser() -> argparse.ArgumentParser:

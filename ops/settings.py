@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     replica_num_cpus: float = Field(0.5, ge=0)
     replica_num_gpus: float = Field(0.0, ge=0)
     sync_interval_s: float = Field(0.2, gt=0, le=10, description="registry poll and memory tail period")
+    batch_max_size: int = Field(32, ge=1, le=1024, description="texts per model batch (dynamic batching)")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="how long a batch waits to fill")
+    adapter_cache_size: int = Field(16, ge=1, description="LoRA adapters kept loaded per replica (LRU)")
+    adapter_pinned_domains: str = Field("", description="comma-separated domains never evicted")
 
     # Compensation (ReLoop2)
     compensation_enabled: bool = True

@@ -36,6 +36,12 @@ def serving_config(settings: Settings) -> ServingConfig:
         max_body_bytes=settings.max_body_bytes,
         max_batch_texts=settings.max_batch_texts,
         sync_interval_s=settings.sync_interval_s,
+        batch_max_size=settings.batch_max_size,
+        batch_wait_timeout_s=settings.batch_wait_timeout_s,
+        adapter_cache_size=settings.adapter_cache_size,
+        adapter_pinned_domains=tuple(
+            d.strip() for d in settings.adapter_pinned_domains.split(",") if d.strip()
+        ),
         kafka=settings.kafka(),
         redis=settings.redis(),
         compensation=settings.compensation(),

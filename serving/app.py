@@ -6,6 +6,8 @@ Handlers are plain ``def`` so FastAPI runs them in its thread pool; the encoder 
 work inside one replica, and replicas scale out through Serve.
 """
 
+import asyncio
+import json
 import logging
 import time
 import uuid
@@ -19,15 +21,32 @@ from ray import serve
 from serving import metrics
 from serving.config import ServingConfig
 from serving.encoder import Encoder
-from serving.errors import FeedbackUnavailable, NotReady, ServingError
-from serving.http_api import FeedbackAccepted, FeedbackRequest, ForgetRequest, PredictRequest, PredictResponse
+from serving.errors import (
+    BadRequest,
+    FeedbackUnavailable,
+    ModelNotFound,
+    NotReady,
+    PayloadTooLarge,
+    ServingError,
+)
+from serving.http_api import (
+    FeedbackAccepted,
+    FeedbackRequest,
+    ForgetRequest,
+    PredictManyResponse,
+    PredictRequest,
+    PredictResponse,
+    V2InferResponse,
+    V2Tensor,
+    decode_v2_request,
+)
 from serving.memory import InProcessMemory
-from serving.predictor import Predictor
+from serving.predictor import AdapterCachePolicy, Prediction, Predictor
 from serving.sync import ReplicaSync
 from streams.errors import StoreUnavailable
 from streams.kafka_io import make_producer
 from streams.redis_store import RequestEmbeddings
-from streams.schemas import DEFAULT_DOMAIN, FeedbackEvent, ForgetEvent
+from streams.schemas import MAX_LABEL_CHARS, MAX_TEXT_CHARS, FeedbackEvent, ForgetEvent
 
 log = logging.getLogger("driftserve.serving")
 
@@ -80,7 +99,19 @@ async def _limits_and_metrics(request: Request, call_next):
     return response
 
 
-_KNOWN_PATHS = {"/healthz", "/v1/predict", "/v1/feedback", "/v1/forget", "/metrics"}
+MODEL_NAME = "driftserve"
+_KNOWN_PATHS = {
+    "/healthz",
+    "/v1/predict",
+    "/v1/feedback",
+    "/v1/forget",
+    "/metrics",
+    "/v2/health/live",
+    "/v2/health/ready",
+    f"/v2/models/{MODEL_NAME}",
+    f"/v2/models/{MODEL_NAME}/ready",
+    f"/v2/models/{MODEL_NAME}/infer",
+}
 
 
 @serve.deployment(name="driftserve", max_ongoing_requests=64, health_check_period_s=5)
@@ -91,7 +122,14 @@ class DriftServe:
         self.cfg = cfg
         api.state.max_body_bytes = cfg.max_body_bytes
         encoder = Encoder(cfg.model_path, device=cfg.device, max_length=cfg.max_length)
-        self.predictor = Predictor(encoder, InProcessMemory(encoder.dim), cfg.compensation)
+        self.predictor = Predictor(
+            encoder,
+            InProcessMemory(encoder.dim),
+            cfg.compensation,
+            AdapterCachePolicy(cfg.adapter_cache_size, frozenset(cfg.adapter_pinned_domains)),
+        )
+        self._batched.set_max_batch_size(cfg.batch_max_size)
+        self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.sync = ReplicaSync(self.predictor, cfg.redis, cfg.artifacts_dir, cfg.sync_interval_s)
         self.request_embeddings = RequestEmbeddings(self.sync.client, cfg.redis, encoder.fingerprint)
         try:  # catch up before taking traffic, so a fresh replica serves the same memory as the others
@@ -130,13 +168,6 @@ class DriftServe:
         if not self.sync._thread.is_alive():
             raise RuntimeError("sync thread stopped")
 
-    def _remember_request(self, request_id: str, key) -> None:
-        """Fast path for feedback naming this request: its memory key is cached, not re-encoded."""
-        try:
-            self.request_embeddings.put_many([(request_id, key)])
-        except StoreUnavailable:
-            metrics.MEMORY_SYNC_ERRORS.inc()
-
     def _kafka_connected(self) -> bool:
         producer = self._connect_producer()
         if producer is None:
@@ -160,31 +191,163 @@ class DriftServe:
         return JSONResponse(
             {
                 "status": "ok",
+                "replica": self.replica_id,
                 "model": self.predictor.base_version,
                 "memory_entries": len(self.predictor.memory),
                 "adapters": self.predictor.active_versions(),
             }
         )
 
-    @api.post("/v1/predict", response_model=PredictResponse)
-    def predict(self, body: PredictRequest, request: Request, response: Response) -> PredictResponse:
+    # -- prediction: every text goes through one dynamic batch queue --------------------------------------
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _batched(self, items: list[tuple[str, str | None, str]]) -> list[Prediction]:
+        """Requests arriving together share one forward pass (texts of several domains may mix)."""
+        return await asyncio.to_thread(self._predict_now, items)
+
+    def _predict_now(self, items: list[tuple[str, str | None, str]]) -> list[Prediction]:
+        preds = self.predictor.predict([t for t, _, _ in items], [d for _, d, _ in items])
+        try:  # fast path for feedback naming these requests: their memory keys are cached
+            self.request_embeddings.put_many(
+                [(rid, p.key) for (_, _, rid), p in zip(items, preds, strict=True)]
+            )
+        except StoreUnavailable:
+            metrics.MEMORY_SYNC_ERRORS.inc()
+        for p in preds:
+            metrics.PREDICTIONS.labels("adapter" if p.adapter else ("prototype" if p.label else "none")).inc()
+            if p.compensated:
+                metrics.COMPENSATIONS.inc()
+        return preds
+
+    async def _infer(self, texts: list[str], domain: str | None, request_id: str) -> list[Prediction]:
+        if len(texts) > self.cfg.max_batch_texts:
+            raise PayloadTooLarge(f"{len(texts)} texts in one call; at most {self.cfg.max_batch_texts}")
+        ids = [request_id] if len(texts) == 1 else [f"{request_id}:{i}" for i in range(len(texts))]
+        return list(
+            await asyncio.gather(*(self._batched((t, domain, i)) for t, i in zip(texts, ids, strict=True)))
+        )
+
+    def reconfigure(self, config: dict) -> None:
+        """Serve ``user_config``: batching and the adapter cache change in place, without a restart."""
+        unknown = set(config) - {"max_batch_size", "batch_wait_timeout_s", "max_adapters_per_replica"}
+        if unknown:
+            raise ValueError(f"unknown user_config keys: {sorted(unknown)}")
+        if "max_batch_size" in config:
+            self._batched.set_max_batch_size(int(config["max_batch_size"]))
+        if "batch_wait_timeout_s" in config:
+            self._batched.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+        if "max_adapters_per_replica" in config:
+            self.predictor.set_cache_policy(
+                AdapterCachePolicy(int(config["max_adapters_per_replica"]), self.predictor.cache.pinned)
+            )
+
+    @staticmethod
+    def _response(p: Prediction, request_id: str) -> PredictResponse:
+        return PredictResponse(
+            domain=p.domain,
+            label=p.label,
+            scores=p.scores,
+            model_version=p.model_version,
+            adapter=p.adapter,
+            compensated=p.compensated,
+            request_id=request_id,
+        )
+
+    @api.post("/v1/predict", response_model=PredictResponse | PredictManyResponse)
+    async def predict(
+        self, body: PredictRequest, request: Request, response: Response
+    ) -> PredictResponse | PredictManyResponse:
+        """``{"text": ...}``: one prediction; ``{"texts": [...]}``: ``{"predictions": [...]}``."""
         response.headers["x-driftserve-replica"] = self.replica_id
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        domain = body.domain or DEFAULT_DOMAIN
-        (pred,) = self.predictor.predict([body.text], [domain])
-        self._remember_request(request_id, pred.key)
-        metrics.PREDICTIONS.labels(
-            "adapter" if pred.adapter else ("prototype" if pred.label else "none")
-        ).inc()
-        if pred.compensated:
-            metrics.COMPENSATIONS.inc()
-        return PredictResponse(
-            label=pred.label,
-            scores=pred.scores,
-            model_version=pred.model_version,
-            adapter=pred.adapter,
-            compensated=pred.compensated,
-            request_id=request_id,
+        texts = body.all_texts()
+        preds = await self._infer(texts, body.domain, request_id)
+        if body.text is not None:
+            return self._response(preds[0], request_id)
+        return PredictManyResponse(
+            predictions=[self._response(p, f"{request_id}:{i}") for i, p in enumerate(preds)]
+        )
+
+    # -- Open Inference Protocol (KServe v2 REST) ----------------------------------------------------
+    def _model(self, name: str) -> None:
+        if name != MODEL_NAME:
+            raise ModelNotFound(f"model {name!r} not found; this server serves {MODEL_NAME!r}")
+
+    @api.get("/v2/health/live")
+    def v2_live(self) -> dict:
+        return {"live": True}
+
+    @api.get("/v2/health/ready")
+    def v2_ready(self) -> dict:
+        self.healthz()  # raises NotReady (503) with the reason
+        return {"ready": True}
+
+    @api.get("/v2/models/{name}")
+    def v2_metadata(self, name: str) -> dict:
+        self._model(name)
+        return {
+            "name": MODEL_NAME,
+            "versions": [self.predictor.base_version],
+            "platform": "driftserve",
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [
+                {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                {"name": "probability", "datatype": "FP32", "shape": [-1]},
+                {"name": "scores", "datatype": "BYTES", "shape": [-1]},
+                {"name": "model_version", "datatype": "BYTES", "shape": [-1]},
+                {"name": "compensated", "datatype": "BOOL", "shape": [-1]},
+            ],
+        }
+
+    @api.get("/v2/models/{name}/ready")
+    def v2_model_ready(self, name: str) -> dict:
+        self._model(name)
+        self.healthz()
+        return {"name": MODEL_NAME, "ready": True}
+
+    @api.post("/v2/models/{name}/infer", response_model=V2InferResponse, response_model_exclude_none=True)
+    async def v2_infer(self, name: str, request: Request) -> V2InferResponse:
+        """JSON bodies, and the binary tensor extension standard clients use (Inference-Header-Content-Length:
+        a JSON header followed by length-prefixed BYTES data)."""
+        self._model(name)
+        body = decode_v2_request(await request.body(), request.headers.get("inference-header-content-length"))
+        (tensor,) = body.inputs
+        if tensor.datatype != "BYTES":
+            raise BadRequest(f"input {tensor.name!r} must be BYTES (texts), got {tensor.datatype}")
+        if not tensor.shape or tensor.shape[0] != len(tensor.data) or any(d != 1 for d in tensor.shape[1:]):
+            raise BadRequest(f"input shape {tensor.shape} does not match {len(tensor.data)} texts")
+        if not tensor.data or not all(isinstance(t, str) and t.strip() for t in tensor.data):
+            raise BadRequest("input data must be non-empty strings")
+        if any(len(t) > MAX_TEXT_CHARS for t in tensor.data):
+            raise BadRequest(f"a text is longer than {MAX_TEXT_CHARS} characters")
+        params = {**(body.parameters or {}), **(tensor.parameters or {})}
+        domain = params.get("domain")
+        if domain is not None and (
+            not isinstance(domain, str) or not domain or len(domain) > MAX_LABEL_CHARS
+        ):
+            raise BadRequest("parameter domain must be a string")
+        request_id = body.id or request.headers.get("x-request-id") or uuid.uuid4().hex
+        preds = await self._infer([str(t) for t in tensor.data], domain, request_id)
+        n = len(preds)
+        return V2InferResponse(
+            model_name=MODEL_NAME,
+            model_version=self.predictor.base_version,
+            id=request_id,
+            outputs=[
+                V2Tensor(name="label", shape=[n], datatype="BYTES", data=[p.label or "" for p in preds]),
+                V2Tensor(
+                    name="probability",
+                    shape=[n],
+                    datatype="FP32",
+                    data=[p.scores.get(p.label, 0.0) if p.label else 0.0 for p in preds],
+                ),
+                V2Tensor(
+                    name="scores", shape=[n], datatype="BYTES", data=[json.dumps(p.scores) for p in preds]
+                ),
+                V2Tensor(
+                    name="model_version", shape=[n], datatype="BYTES", data=[p.model_version for p in preds]
+                ),
+                V2Tensor(name="compensated", shape=[n], datatype="BOOL", data=[p.compensated for p in preds]),
+            ],
         )
 
     @api.post("/v1/feedback", status_code=202, response_model=FeedbackAccepted)

@@ -19,6 +19,10 @@ class ServingConfig:
     max_body_bytes: int = 1_000_000
     max_batch_texts: int = 64
     sync_interval_s: float = 0.2
+    batch_max_size: int = 32
+    batch_wait_timeout_s: float = 0.005
+    adapter_cache_size: int = 16
+    adapter_pinned_domains: tuple[str, ...] = ()
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     compensation: CompensationConfig = field(default_factory=CompensationConfig)

@@ -17,6 +17,11 @@ class BadRequest(ServingError):
     error_type = "bad_request"
 
 
+class ModelNotFound(ServingError):
+    status_code = 404
+    error_type = "model_not_found"
+
+
 class PayloadTooLarge(ServingError):
     status_code = 413
     error_type = "payload_too_large"

@@ -150,6 +150,16 @@ class InProcessMemory:
         norms = np.linalg.norm(means, axis=1, keepdims=True)
         return labels, means / np.clip(norms, 1e-9, None)
 
+    def domain_centroids(self) -> tuple[list[str], np.ndarray]:
+        """Unit-norm mean key of each domain's live entries: the retrieval key of the domain."""
+        with self._lock:
+            names = [n for n, d in self._domains.items() if d.live > 0]
+            sums = [sum(self._domains[n].class_sums.values()) for n in names]
+        if not names:
+            return [], np.zeros((0, self.dim), dtype=np.float32)
+        cents = np.stack(sums).astype(np.float32)
+        return names, cents / np.clip(np.linalg.norm(cents, axis=1, keepdims=True), 1e-9, None)
+
     def labels(self, domain: str) -> list[str]:
         with self._lock:
             d = self._domains.get(domain)

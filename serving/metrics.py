@@ -38,6 +38,19 @@ ADAPTER_SERVED = Gauge(
     ["domain"],
     multiprocess_mode="liveall",
 )
+ADAPTER_CACHE = Counter(
+    "driftserve_adapter_cache_total", "adapter cache events", ["event"]
+)  # hit|miss|eviction
+BATCH_SIZE = Histogram(
+    "driftserve_batch_size", "texts per model batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+)
+STAGE_LATENCY = Histogram(
+    "driftserve_stage_latency_seconds",
+    "time per serving stage and batch",
+    ["stage"],  # encode | retrieval | adapter | compensation
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+)
+RETRIEVAL = Counter("driftserve_retrieval_total", "routing of requests that name no domain", ["outcome"])
 ADAPTER_SWAPS = Counter("driftserve_adapter_swaps_total", "adapter hot-swaps", ["outcome"])  # loaded|rejected
 FEEDBACK_CONSUMED = Counter(
     "driftserve_feedback_consumed_total", "feedback messages consumed", ["consumer", "outcome"]

@@ -11,21 +11,26 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from serving import metrics
 from serving.artifacts import Artifact
 from serving.compensator import CompensationConfig, compensate, softmax
 from serving.encoder import Encoder
 from serving.memory import InProcessMemory
+from streams.schemas import DEFAULT_DOMAIN
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Prediction:
+    domain: str
     label: str | None
     scores: dict[str, float]
     model_version: str
@@ -37,17 +42,60 @@ class Prediction:
 
 @dataclass(frozen=True)
 class ActiveAdapter:
-    name: str  # the encoder's adapter name: "<domain>@<version>"
+    name: str  # the encoder's adapter name: "<domain>@<content hash>", so a cache never serves stale weights
     artifact: Artifact
 
 
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Routing of requests that name no domain (MOS-style, capped at ``candidates`` domains).
+
+    The domain keys are the mean memory keys of each domain's feedback; the top ``candidates`` by cosine
+    similarity are refined by predicting the class over the candidates' classes together and mapping it
+    back to the domain that owns it. Refinement uses the request's base key and the class means (no
+    extra backbone passes: O(m) instead of MOS's O(T)); the final answer uses the chosen domain's
+    adapter. Below ``min_similarity`` the request stays in the default domain.
+    """
+
+    enabled: bool = True
+    candidates: int = 3
+    min_similarity: float = 0.3
+
+
+@dataclass(frozen=True)
+class AdapterCachePolicy:
+    """How many LoRA adapters one replica keeps loaded (LRU), and which domains are never evicted."""
+
+    max_loaded: int = 16
+    pinned: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.max_loaded < 1:
+            raise ValueError("max_loaded must be at least 1")
+
+
+def adapter_name(artifact: Artifact) -> str:
+    digest = artifact.manifest.files.get("adapter/adapter_model.safetensors", artifact.manifest.version)
+    return f"{artifact.manifest.domain}@{digest[:16]}"
+
+
 class Predictor:
-    def __init__(self, encoder: Encoder, memory: InProcessMemory, comp: CompensationConfig) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        memory: InProcessMemory,
+        comp: CompensationConfig,
+        cache: AdapterCachePolicy | None = None,
+        retrieval: RetrievalConfig | None = None,
+    ) -> None:
+        self.retrieval = retrieval or RetrievalConfig()
         self.encoder = encoder
         self.memory = memory
         self.comp = comp
+        self.cache = cache or AdapterCachePolicy()
         self.base_version = encoder.fingerprint[:12]
         self._active: dict[str, ActiveAdapter] = {}
+        self._loaded: OrderedDict[str, str] = OrderedDict()  # adapter name -> domain, LRU first
         self._swap_lock = threading.Lock()
 
     # -- adapters -------------------------------------------------------------------------------------
@@ -57,38 +105,109 @@ class Predictor:
     def activate(self, artifact: Artifact) -> None:
         """Hot-swap: load the new LoRA beside the old one, switch the pointer, then drop the old one.
 
-        Requests resolve the active adapter while holding the encoder lock, and the old adapter is
-        removed under that same lock, so no request can hold a name that disappears under it.
+        Requests resolve the active adapter and load or use it while holding the encoder lock, and old
+        adapters are removed under that same lock, so no request can hold a name that disappears.
         """
         m = artifact.manifest
-        name = f"{m.domain}@{m.version}"
+        name = adapter_name(artifact)
         with self._swap_lock:
             old = self._active.get(m.domain)
             if old is not None and old.name == name:
                 return
-            self.encoder.add_adapter(name, artifact.adapter_dir)
+            if name not in self._loaded:
+                self.encoder.add_adapter(name, artifact.adapter_dir)  # outside the request path
             with self.encoder.lock:
                 self._active = {**self._active, m.domain: ActiveAdapter(name, artifact)}
-                if old is not None:
-                    self.encoder.remove_adapter(old.name)
-        log.info("serving adapter %s (parent %s)", name, m.parent)
+                self._loaded[name] = m.domain
+                self._loaded.move_to_end(name)
+                if old is not None and old.name in self._loaded:
+                    self._unload(old.name)
+                self._evict(keep=name)
+        log.info("serving adapter %s version %s (parent %s)", name, m.version, m.parent)
 
     def deactivate(self, domain: str) -> None:
         with self._swap_lock, self.encoder.lock:
             old = self._active.get(domain)
             if old is not None:
                 self._active = {d: a for d, a in self._active.items() if d != domain}
-                self.encoder.remove_adapter(old.name)
+                if old.name in self._loaded:
+                    self._unload(old.name)
+
+    def set_cache_policy(self, policy: AdapterCachePolicy) -> None:
+        with self.encoder.lock:
+            self.cache = policy
+            self._evict(keep=None)
+
+    def loaded_adapters(self) -> list[str]:
+        return list(self._loaded)
+
+    def _unload(self, name: str) -> None:
+        self.encoder.remove_adapter(name)
+        del self._loaded[name]
+
+    def _evict(self, keep: str | None) -> None:
+        """Least recently used first; pinned domains and ``keep`` stay. Caller holds the encoder lock."""
+        for name in list(self._loaded):
+            if len(self._loaded) <= self.cache.max_loaded:
+                return
+            if name == keep or self._loaded[name] in self.cache.pinned:
+                continue
+            self._unload(name)
+            metrics.ADAPTER_CACHE.labels("eviction").inc()
+
+    def _use(self, active: ActiveAdapter) -> None:
+        """Make sure the adapter is loaded (on demand after an eviction). Caller holds the encoder lock."""
+        if active.name in self._loaded:
+            self._loaded.move_to_end(active.name)
+            metrics.ADAPTER_CACHE.labels("hit").inc()
+            return
+        metrics.ADAPTER_CACHE.labels("miss").inc()
+        self.encoder.add_adapter(active.name, active.artifact.adapter_dir)
+        self._loaded[active.name] = active.artifact.manifest.domain
+        self._evict(keep=active.name)
 
     # -- prediction -----------------------------------------------------------------------------------
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """The memory key of each text (base model, no adapter)."""
         return self.encoder.encode(texts)
 
-    def predict(self, texts: Sequence[str], domains: Sequence[str]) -> list[Prediction]:
+    def route(self, key: np.ndarray) -> tuple[str, float]:
+        """The domain for a request that names none, and the similarity of its key to that domain."""
+        cfg = self.retrieval
+        names, cents = self.memory.domain_centroids()
+        if not cfg.enabled or not names:
+            metrics.RETRIEVAL.labels("fallback").inc()
+            return DEFAULT_DOMAIN, 0.0
+        sims = cents @ key
+        order = np.argsort(-sims)[: cfg.candidates]
+        if sims[order[0]] < cfg.min_similarity:
+            metrics.RETRIEVAL.labels("fallback").inc()
+            return DEFAULT_DOMAIN, float(sims[order[0]])
+        # MOS refinement: predict the class over the candidates' classes jointly and map it back to the
+        # domain that owns it (its nearest class mean), instead of trusting the domain centroid alone.
+        best, best_sim = names[order[0]], -np.inf
+        for i in order:
+            labels, means = self.memory.class_means(names[i])
+            if labels:
+                top = float((means @ key).max())
+                if top > best_sim:
+                    best, best_sim = names[i], top
+        current = best
+        metrics.RETRIEVAL.labels("routed").inc()
+        return current, float(sims[names.index(current)])
+
+    def predict(self, texts: Sequence[str], domains: Sequence[str | None]) -> list[Prediction]:
+        """``domains[i]`` None: route by retrieval (the chosen domain is in the prediction)."""
         if len(texts) != len(domains):
             raise ValueError("texts and domains must have the same length")
+        t0 = time.perf_counter()
         keys = self.embed(texts)
+        metrics.STAGE_LATENCY.labels("encode").observe(time.perf_counter() - t0)
+        if any(d is None for d in domains):
+            t1 = time.perf_counter()
+            domains = [d if d is not None else self.route(keys[i])[0] for i, d in enumerate(domains)]
+            metrics.STAGE_LATENCY.labels("retrieval").observe(time.perf_counter() - t1)
+        metrics.BATCH_SIZE.observe(len(texts))
         results: list[Prediction | None] = [None] * len(texts)
         by_domain: dict[str, list[int]] = {}
         for i, d in enumerate(domains):
@@ -98,8 +217,11 @@ class Predictor:
                 active = self._active.get(domain)
                 head_probs = None
                 if active is not None:
+                    t1 = time.perf_counter()
+                    self._use(active)
                     adapted = self.encoder.encode([texts[i] for i in idx], adapter=active.name)
                     head_probs = active.artifact.head.probs(adapted)
+                    metrics.STAGE_LATENCY.labels("adapter").observe(time.perf_counter() - t1)
             for row, i in enumerate(idx):
                 if active is not None and head_probs is not None:
                     probs = dict(zip(active.artifact.head.labels, head_probs[row].tolist(), strict=True))
@@ -124,10 +246,13 @@ class Predictor:
     ) -> Prediction:
         blend = 0.0
         if self.comp.enabled:
+            t0 = time.perf_counter()
             sims, labels = self.memory.search(domain, key, self.comp.k)
             probs, blend = compensate(probs, sims, labels, self.comp)
+            metrics.STAGE_LATENCY.labels("compensation").observe(time.perf_counter() - t0)
         label = max(probs, key=lambda k: probs[k]) if probs else None
         return Prediction(
+            domain=domain,
             label=label,
             scores={k: round(v, 6) for k, v in sorted(probs.items(), key=lambda kv: -kv[1])},
             model_version=version,

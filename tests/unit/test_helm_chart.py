@@ -508,8 +508,12 @@ def test_gpu_variant_requests_gpus():
     container = learner["spec"]["template"]["spec"]["containers"][0]
     assert int(container["resources"]["limits"][GPU]) >= 1
     assert {"name": f"{PREFIX}DEVICE", "value": "cuda"} in container["env"]
-    # Batching and the adapter cache stay off until the app implements reconfigure() for them.
-    assert "user_config" not in app["deployments"][0]
+    # Batching and the adapter cache reach the deployment as its Serve user_config (reconfigure()).
+    assert set(app["deployments"][0]["user_config"]) == {
+        "max_batch_size",
+        "batch_wait_timeout_s",
+        "max_adapters_per_replica",
+    }
 
 
 def test_batching_and_adapter_cache_render_as_user_config_when_enabled():
@@ -534,7 +538,9 @@ def test_cpu_fallback_requests_no_gpu():
         device = [e["value"] for e in env if e["name"] == f"{PREFIX}DEVICE"]
         assert device == ["cpu"], where
     (app,) = serve_config(docs)["applications"]
-    assert "user_config" not in app["deployments"][0], "user_config needs a reconfigure() in the app"
+    assert "user_config" not in app["deployments"][0], (
+        "user_config only when batching or the cache is enabled"
+    )
 
 
 def _deployment(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:

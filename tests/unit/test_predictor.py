@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 from learners import artifacts
@@ -11,7 +12,7 @@ from learners.trainer import TrainConfig, train_adapter
 from serving.artifacts import load_artifact
 from serving.compensator import CompensationConfig
 from serving.memory import InProcessMemory
-from serving.predictor import Predictor
+from serving.predictor import AdapterCachePolicy, Predictor, RetrievalConfig, adapter_name
 from streams.redis_store import MemoryEntry
 from streams.schemas import ArtifactManifest
 
@@ -86,6 +87,79 @@ def test_hot_swap_under_concurrent_requests(tmp_path, predictor, tiny_encoder):
         w.join()
     assert errors == []
     assert {"v1", "v2"} <= seen
-    assert tiny_encoder.adapters == ["d@v2"]  # old versions are unloaded, not accumulated
+    assert tiny_encoder.adapters == [adapter_name(v2)]  # old versions are unloaded, not accumulated
     predictor.deactivate("d")
     assert tiny_encoder.adapters == []
+
+
+def test_adapter_lru_evicts_reloads_on_demand_and_keeps_pinned(tmp_path, tiny_encoder):
+    predictor = Predictor(
+        tiny_encoder,
+        InProcessMemory(tiny_encoder.dim),
+        CompensationConfig(enabled=False),
+        AdapterCachePolicy(max_loaded=2, pinned=frozenset({"a"})),
+    )
+    texts = ["good thing", "bad thing", "great stuff", "awful stuff"] * 2
+    labels = ["pos", "neg", "pos", "neg"] * 2
+    arts = {}
+    for domain in ("a", "b", "c"):
+        trained = train_adapter(
+            tiny_encoder, texts, labels, TrainConfig(epochs=1, batch_size=4, seed=ord(domain))
+        )
+        manifest = ArtifactManifest(
+            domain=domain,
+            version="v1",
+            base_fingerprint=tiny_encoder.fingerprint,
+            labels=trained.labels,
+            files={},
+        )
+        path = artifacts.publish(tmp_path, manifest, trained.write)
+        arts[domain] = load_artifact(path, base_fingerprint=tiny_encoder.fingerprint, dim=tiny_encoder.dim)
+        predictor.activate(arts[domain])
+    expected = {d: predictor.predict(["good thing"], [d])[0].scores for d in "abc"}
+    assert len(predictor.loaded_adapters()) == 2
+    assert adapter_name(arts["a"]) in predictor.loaded_adapters()  # pinned, never evicted
+    for domain in "bcbcab":
+        (p,) = predictor.predict(["good thing"], [domain])
+        assert p.adapter == "v1" and p.scores == expected[domain]  # reloaded weights answer the same
+        assert len(predictor.loaded_adapters()) <= 2
+        assert adapter_name(arts["a"]) in predictor.loaded_adapters()
+    for domain in "abc":
+        predictor.deactivate(domain)
+    assert tiny_encoder.adapters == []
+
+
+def _vec(*xs: float) -> np.ndarray:
+    v = np.zeros(32, dtype=np.float32)
+    v[: len(xs)] = xs
+    return v / np.linalg.norm(v)
+
+
+def test_retrieval_routes_to_the_domain_owning_the_nearest_class(tiny_encoder):
+    mem = InProcessMemory(32)
+    entries = [
+        ("a1", "a", "cat", _vec(1, 0, 0, 0.1)),
+        ("a2", "a", "dog", _vec(1, 0, 0, -0.1)),
+        ("b1", "b", "stock", _vec(0, 1, 0)),
+        ("b2", "b", "bond", _vec(0.5, 1, 0)),
+    ]
+    mem.add([MemoryEntry(i, d, lab, v, 0.0, "v") for i, d, lab, v in entries])
+    predictor = Predictor(tiny_encoder, mem, CompensationConfig(), retrieval=RetrievalConfig(candidates=2))
+    assert predictor.route(_vec(0.1, 1, 0))[0] == "b"
+    assert predictor.route(_vec(1, 0.05, 0))[0] == "a"
+    # Domain "c" has classes along two axes; its centroid is nearest to this key, but the nearest class
+    # belongs to "d": the refinement moves the request there.
+    mem.add(
+        [
+            MemoryEntry("c1", "c", "x", _vec(0, 0, 0, 0, 1), 0.0, "v"),
+            MemoryEntry("c2", "c", "y", _vec(0, 0, 0, 0, 0, 1), 0.0, "v"),
+            MemoryEntry("d1", "d", "z", _vec(0, 0, 0, 0, 0.6, 0.8), 0.0, "v"),
+        ]
+    )
+    key = _vec(0, 0, 0, 0, 0.7, 0.714)
+    names, cents = mem.domain_centroids()
+    assert names[int(np.argmax(cents @ key))] == "c"
+    assert predictor.route(key)[0] == "d"
+    assert predictor.route(_vec(0, 0, 1))[0] == "default"  # nothing similar: fall back
+    off = Predictor(tiny_encoder, mem, CompensationConfig(), retrieval=RetrievalConfig(enabled=False))
+    assert off.route(_vec(0, 1, 0))[0] == "default"

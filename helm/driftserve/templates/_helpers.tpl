@@ -229,6 +229,10 @@ float64 and would print 1000000 as 1e+06. Secrets are not here: see driftserve.s
 {{- $_ := set $s "replica_num_cpus" (float64 $v.serving.replicaResources.numCpus | toString) }}
 {{- $_ := set $s "replica_num_gpus" (include "driftserve.replicaNumGpus" .ctx) }}
 {{- $_ := set $s "sync_interval_s" (float64 $v.serving.syncIntervalS | toString) }}
+{{- $_ := set $s "batch_max_size" (int64 $v.serving.batching.maxBatchSize | toString) }}
+{{- $_ := set $s "batch_wait_timeout_s" (float64 $v.serving.batching.batchWaitTimeoutS | toString) }}
+{{- $_ := set $s "adapter_cache_size" (int64 $v.serving.adapterCache.maxAdapters | toString) }}
+{{- $_ := set $s "adapter_pinned_domains" (join "," $v.serving.adapterCache.pinned) }}
 {{- else if eq .role "learner" }}
 {{- $_ := set $s "device" (ternary "cuda" "cpu" $v.learner.gpu.enabled) }}
 {{- $_ := set $s "learner_min_examples" (int64 $v.learner.minExamples | toString) }}

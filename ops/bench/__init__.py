@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that write JSON, markdown and a plot; run by `driftserve bench <name>`."""
