@@ -52,14 +52,17 @@ class TrainedAdapter:
     def head(self) -> Head:
         return Head(
             labels=list(self.labels),
-            weight=self.head_weight.detach().float().numpy().copy(),
-            bias=self.head_bias.detach().float().numpy().copy(),
+            weight=self.head_weight.detach().float().cpu().numpy().copy(),
+            bias=self.head_bias.detach().float().cpu().numpy().copy(),
         )
 
     def write(self, directory: Path) -> None:
         self.model.save_pretrained(str(directory / ADAPTER_DIR), safe_serialization=True)
         save_file(
-            {"weight": self.head_weight.detach().contiguous(), "bias": self.head_bias.detach().contiguous()},
+            {
+                "weight": self.head_weight.detach().float().cpu().contiguous(),
+                "bias": self.head_bias.detach().float().cpu().contiguous(),
+            },
             str(directory / HEAD_FILE),
         )
 
@@ -88,7 +91,7 @@ def train_adapter(
     y = torch.tensor([label_list.index(lab) for lab in labels])
 
     # Head initialisation: class means of base embeddings, then parent rows where the parent has them.
-    base = torch.from_numpy(encoder.encode(texts))
+    base = torch.from_numpy(encoder.encode(texts))  # on CPU: class means for the head initialisation
     weight = torch.zeros(len(label_list), encoder.dim)
     for c in range(len(label_list)):
         members = base[y == c]
@@ -104,12 +107,14 @@ def train_adapter(
     lora_cfg = LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules)
     )
-    fresh = AutoModel.from_pretrained(encoder.model_path).to(encoder.device)
+    fresh = AutoModel.from_pretrained(encoder.model_path, dtype=torch.float32).to(encoder.device)
     model = get_peft_model(fresh, lora_cfg)
     if parent is not None:
         set_peft_model_state_dict(model, load_file(str(parent.adapter_dir / "adapter_model.safetensors")))
-    head_w = torch.nn.Parameter(weight)
-    head_b = torch.nn.Parameter(bias)
+    head_w = torch.nn.Parameter(weight.to(encoder.device))
+    head_b = torch.nn.Parameter(bias.to(encoder.device))
+    y = y.to(encoder.device)
+    use_bf16 = encoder.device.type == "cuda"  # bf16 autocast on GPU, fp32 master weights
     lora_params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
         [{"params": lora_params, "lr": cfg.lr}, {"params": [head_w, head_b], "lr": cfg.head_lr}],
@@ -130,7 +135,8 @@ def train_adapter(
                 break
             idx = order[start : start + cfg.batch_size]
             batch = encoder.tokenize([texts[i] for i in idx])
-            out = model(**batch)
+            with torch.autocast(device_type=encoder.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = model(**batch)
             emb = encoder.pool(out.last_hidden_state, batch["attention_mask"])
             logits = emb @ head_w.T + head_b
             loss = torch.nn.functional.cross_entropy(logits, y[idx])

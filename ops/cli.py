@@ -130,7 +130,10 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=["feedback", "memory", "encoder"], help="which benchmark")
+    parser.add_argument(
+        "name", choices=["feedback", "serve", "retrieval", "memory", "encoder"], help="which benchmark"
+    )
+    parser.add_argument("--streams", nargs="*", default=[], help="labelled streams to mix (retrieval)")
     parser.add_argument("--out", default="bench-results", help="directory for JSON, markdown and PNG")
     parser.add_argument("--url", help="a running driftserve (feedback); default: start the embedded stack")
     parser.add_argument("--bootstrap", help="Kafka bootstrap servers with --url")
@@ -160,6 +163,21 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         )
         print((out / "feedback.md").read_text())
         return 0 if result["fix"]["fix_seconds"].get("n") else 1
+    if args.name == "serve":
+        from ops.bench import serve
+
+        result = serve.run(settings, out)
+        print((out / "serve.md").read_text())
+        return 0 if result["capacity_rps"]["naive"] else 1
+    if args.name == "retrieval":
+        from ops.bench import retrieval
+
+        if len(args.streams) < 2:
+            print("driftserve: bench retrieval needs --streams with at least two streams", file=sys.stderr)
+            return 2
+        retrieval.run([Path(p) for p in args.streams], out)
+        print((out / "retrieval.md").read_text())
+        return 0
     if args.name == "memory":
         from ops.bench import memory
 
@@ -180,7 +198,7 @@ COMMANDS = {
     "memory-writer": (_cmd_memory_writer, "consume feedback into the Redis error memory"),
     "learner": (_cmd_learner, "consume feedback, train and publish adapters"),
     "memory": (_cmd_memory, "error-memory administration: rebuild from the Kafka log"),
-    "bench": (_cmd_bench, "benchmarks: feedback-to-fix and ingestion, memory lookup, encoder runtimes"),
+    "bench": (_cmd_bench, "benchmarks: feedback-to-fix, serving vs naive Serve, memory lookup, runtimes"),
     "replay": (_cmd_replay, "replay a labelled stream against driftserve and report prequential quality"),
 }
 EXTRA_ARGUMENTS = {"memory": _memory_arguments, "replay": _replay_arguments, "bench": _bench_arguments}

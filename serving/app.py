@@ -124,7 +124,7 @@ class DriftServe:
         encoder = Encoder(cfg.model_path, device=cfg.device, max_length=cfg.max_length)
         self.predictor = Predictor(
             encoder,
-            InProcessMemory(encoder.dim),
+            InProcessMemory(encoder.dim, device=cfg.device),
             cfg.compensation,
             AdapterCachePolicy(cfg.adapter_cache_size, frozenset(cfg.adapter_pinned_domains)),
         )
@@ -199,9 +199,10 @@ class DriftServe:
         )
 
     # -- prediction: every text goes through one dynamic batch queue --------------------------------------
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=2)
     async def _batched(self, items: list[tuple[str, str | None, str]]) -> list[Prediction]:
-        """Requests arriving together share one forward pass (texts of several domains may mix)."""
+        """Requests arriving together share one forward pass (texts of several domains may mix). Two
+        batches may be in flight: one tokenizes and searches memory while the other holds the model."""
         return await asyncio.to_thread(self._predict_now, items)
 
     def _predict_now(self, items: list[tuple[str, str | None, str]]) -> list[Prediction]:

@@ -70,3 +70,29 @@ def compensate(
     blended = {k: (1.0 - lam) * probs.get(k, 0.0) + lam * y_bar.get(k, 0.0) for k in keys}
     total = sum(blended.values())
     return {k: v / total for k, v in blended.items()}, lam
+
+
+def compensate_batch(
+    probs: np.ndarray, sims: np.ndarray, label_idx: np.ndarray, cfg: CompensationConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorised :func:`compensate` for n rows over one label vocabulary of size V.
+
+    ``probs`` (n, V) model distribution (rows may be all zero: no model opinion yet); ``sims`` (n, k)
+    neighbour similarities, descending, ``-inf`` where a row has fewer neighbours; ``label_idx`` (n, k)
+    their labels as vocabulary indices. Returns the blended (n, V) distribution and lambda per row.
+    """
+    n, v = probs.shape
+    if not cfg.enabled or sims.size == 0:
+        return probs, np.zeros(n)
+    top = sims[:, 0]
+    lam = cfg.lambda_max * np.clip((top - cfg.sim_low) / (cfg.sim_high - cfg.sim_low), 0.0, 1.0)
+    lam[~np.isfinite(top)] = 0.0
+    z = (sims - np.where(np.isfinite(top), top, 0.0)[:, None]) / cfg.tau
+    weights = np.where(np.isfinite(sims), np.exp(z), 0.0)
+    weights /= np.clip(weights.sum(axis=1, keepdims=True), 1e-12, None)
+    y_bar = np.zeros((n, v))
+    np.add.at(y_bar, (np.repeat(np.arange(n), sims.shape[1]), label_idx.ravel()), weights.ravel())
+    out = (1.0 - lam)[:, None] * probs + lam[:, None] * y_bar
+    total = out.sum(axis=1, keepdims=True)
+    out = np.divide(out, total, out=np.zeros_like(out), where=total > 0)
+    return out, lam

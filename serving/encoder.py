@@ -8,6 +8,7 @@ the modules in place.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 from collections.abc import Sequence
@@ -57,7 +58,13 @@ class Encoder:
         self.max_length = max_length
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.base_model = AutoModel.from_pretrained(self.model_path).to(self.device).eval()
+        # The Rust tokenizer directly: batch-parallel, and no per-call Python padding/truncation work.
+        self._fast = copy.deepcopy(self.tokenizer.backend_tokenizer)
+        self._fast.enable_truncation(max_length)
+        self._fast.enable_padding(pad_id=self.tokenizer.pad_token_id, pad_token=self.tokenizer.pad_token)
+        # bf16 weights on GPU (serving is inference only; pooling and the outputs stay float32).
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.base_model = AutoModel.from_pretrained(self.model_path, dtype=dtype).to(self.device).eval()
         self.fingerprint = model_fingerprint(self.model_path)
         self.dim = int(self.base_model.config.hidden_size)
         self._peft = None  # a peft.PeftModel wrapping base_model once the first adapter is added
@@ -97,13 +104,15 @@ class Encoder:
 
     # -- encoding -------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        return {k: v.to(self.device) for k, v in batch.items()}
+        """Truncate to ``max_length`` tokens (explicit policy: the tail is dropped); pad to the longest."""
+        encs = self._fast.encode_batch(list(texts))
+        ids = torch.tensor(np.array([e.ids for e in encs], dtype=np.int64))
+        mask = torch.tensor(np.array([e.attention_mask for e in encs], dtype=np.int64))
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     @staticmethod
     def pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.float()
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         summed = (hidden * mask).sum(dim=1)
         pooled = summed / mask.sum(dim=1).clamp(min=1e-9)
@@ -126,11 +135,12 @@ class Encoder:
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], adapter: str | None = None) -> np.ndarray:
+        """Tokenization runs outside the lock, so one batch tokenizes while another uses the model."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         chunks = []
-        with self.lock:
-            for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenize(texts[start : start + self.batch_size])
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenize(texts[start : start + self.batch_size])
+            with self.lock:
                 chunks.append(self.forward(batch, adapter).float().cpu().numpy())
         return np.concatenate(chunks, axis=0).astype(np.float32, copy=False)

@@ -35,10 +35,39 @@ class _Domain:
     class_counts: dict[str, int] = field(default_factory=dict)
 
     live: int = 0
+    deletions: int = 0  # bumps the device mirror's mask
+    device_keys: object = None  # torch tensor mirror of keys[:synced] on the accelerator
+    device_alive: object = None
+    synced: int = 0
+    synced_deletions: int = 0
 
     def __post_init__(self) -> None:
         self.keys = np.zeros((64, self.dim), dtype=np.float32)
         self.alive = np.zeros(64, dtype=bool)
+
+    def sync_device(self, device: str):
+        """Copy rows added since the last search (and the alive mask after deletions) to the device."""
+        import torch
+
+        if self.device_keys is None or self.device_keys.shape[0] < self.size:
+            capacity = max(64, self.keys.shape[0])
+            grown = torch.zeros((capacity, self.dim), dtype=torch.float32, device=device)
+            if self.device_keys is not None:
+                grown[: self.synced] = self.device_keys[: self.synced]
+            self.device_keys = grown
+        if self.synced < self.size:
+            self.device_keys[self.synced : self.size] = torch.from_numpy(
+                self.keys[self.synced : self.size]
+            ).to(device)
+            self.synced = self.size
+        if (
+            self.device_alive is None
+            or self.device_alive.shape[0] < self.size
+            or self.synced_deletions != self.deletions
+        ):
+            self.device_alive = torch.from_numpy(self.alive[: self.size].copy()).to(device)
+            self.synced_deletions = self.deletions
+        return self.device_keys[: self.size], self.device_alive[: self.size]
 
     def append(self, emb: np.ndarray, label: str) -> int:
         if self.size == self.keys.shape[0]:
@@ -67,6 +96,7 @@ class _Domain:
             return
         self.alive[row] = False
         self.live -= 1
+        self.deletions += 1
         label = self.labels[row]
         self.class_sums[label] -= self.keys[row]
         self.class_counts[label] -= 1
@@ -77,8 +107,10 @@ class _Domain:
 class InProcessMemory:
     """Thread-safe: the sync thread appends while request threads search."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, device: str | None = None) -> None:
+        """``device`` (e.g. "cuda"): batched searches run there on a mirror of the keys."""
         self.dim = dim
+        self.device = device if device and device != "cpu" else None
         self._domains: dict[str, _Domain] = {}
         self._rows: dict[str, tuple[str, int]] = {}  # event id -> (domain, row); deleted ids stay
         self._lock = threading.Lock()
@@ -139,6 +171,40 @@ class InProcessMemory:
         idx = idx[np.argsort(-sims[idx])]
         return sims[idx], [labels[i] for i in idx]
 
+    def search_batch(self, domain: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+        """Top-``k`` for many queries in one matrix product: sims (n, k') descending, labels per row."""
+        n = queries.shape[0]
+        with self._lock:
+            d = self._domains.get(domain)
+            if d is None or d.live == 0:
+                return np.zeros((n, 0), dtype=np.float32), [[] for _ in range(n)]
+            if self.device is not None:
+                return self._search_device(d, queries, k)
+            sims = queries.astype(np.float32, copy=False) @ d.keys[: d.size].T  # (n, size)
+            if d.live < d.size:
+                sims[:, ~d.alive[: d.size]] = -np.inf
+            labels = d.labels
+            k = min(k, d.live)
+        if k < sims.shape[1]:
+            idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        else:
+            idx = np.broadcast_to(np.arange(sims.shape[1]), (n, sims.shape[1]))
+        part = np.take_along_axis(sims, idx, axis=1)
+        order = np.argsort(-part, axis=1)
+        idx = np.take_along_axis(idx, order, axis=1)
+        return np.take_along_axis(part, order, axis=1), [[labels[j] for j in row] for row in idx]
+
+    def _search_device(self, d: _Domain, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+        import torch
+
+        keys, alive = d.sync_device(self.device)
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
+        sims = q @ keys.T
+        sims.masked_fill_(~alive, float("-inf"))
+        top, idx = torch.topk(sims, min(k, d.live), dim=1)
+        idx_np = idx.cpu().numpy()
+        return top.cpu().numpy(), [[d.labels[j] for j in row] for row in idx_np]
+
     def class_means(self, domain: str) -> tuple[list[str], np.ndarray]:
         """Labels and unit-norm class means for the nearest-class-mean head."""
         with self._lock:
@@ -172,3 +238,15 @@ class InProcessMemory:
     def __len__(self) -> int:
         with self._lock:
             return sum(d.live for d in self._domains.values())
+
+
+def make_memory(kind: str, dim: int) -> InProcessMemory:
+    """The replica's memory index chosen by settings: ``"exact"`` (brute force per domain) or ``"ann"``
+    (the same, plus an HNSW index for domains of 20k entries or more; see ``serving.ann_memory``)."""
+    if kind == "exact":
+        return InProcessMemory(dim)
+    if kind == "ann":
+        from serving.ann_memory import AnnMemory  # imported on demand: usearch is needed only here
+
+        return AnnMemory(dim)
+    raise ValueError(f"memory index must be 'exact' or 'ann', got {kind!r}")

@@ -20,7 +20,7 @@ import numpy as np
 
 from serving import metrics
 from serving.artifacts import Artifact
-from serving.compensator import CompensationConfig, compensate, softmax
+from serving.compensator import CompensationConfig, compensate_batch, softmax
 from serving.encoder import Encoder
 from serving.memory import InProcessMemory
 from streams.schemas import DEFAULT_DOMAIN
@@ -222,17 +222,70 @@ class Predictor:
                     adapted = self.encoder.encode([texts[i] for i in idx], adapter=active.name)
                     head_probs = active.artifact.head.probs(adapted)
                     metrics.STAGE_LATENCY.labels("adapter").observe(time.perf_counter() - t1)
-            for row, i in enumerate(idx):
-                if active is not None and head_probs is not None:
-                    probs = dict(zip(active.artifact.head.labels, head_probs[row].tolist(), strict=True))
-                    version = f"{self.base_version}/{domain}@{active.artifact.manifest.version}"
-                    adapter = active.artifact.manifest.version
-                else:
-                    probs = self._prototype_probs(domain, keys[i])
-                    version = self.base_version
-                    adapter = None
-                results[i] = self._finish(domain, keys[i], probs, version, adapter)
+            for row, pred in zip(idx, self._finish_group(domain, keys[idx], active, head_probs), strict=True):
+                results[row] = pred
         return [r for r in results if r is not None]
+
+    def _finish_group(
+        self, domain: str, keys: np.ndarray, active: ActiveAdapter | None, head_probs: np.ndarray | None
+    ) -> list[Prediction]:
+        """Head (adapter or nearest class mean) + compensation for the rows of one domain, vectorised."""
+        t0 = time.perf_counter()
+        if active is not None and head_probs is not None:
+            vocab = list(active.artifact.head.labels)
+            probs = head_probs.astype(np.float64)
+            version = f"{self.base_version}/{domain}@{active.artifact.manifest.version}"
+            adapter: str | None = active.artifact.manifest.version
+        else:
+            vocab, means = self.memory.class_means(domain)
+            z = (keys @ means.T) / self.comp.prototype_tau if vocab else np.zeros((len(keys), 0))
+            if vocab:
+                z -= z.max(axis=1, keepdims=True)
+                probs = np.exp(z)
+                probs /= probs.sum(axis=1, keepdims=True)
+            else:
+                probs = z
+            version, adapter = self.base_version, None
+        lam = np.zeros(len(keys))
+        if self.comp.enabled:
+            sims, neighbour_labels = self.memory.search_batch(domain, keys, self.comp.k)
+            if sims.shape[1]:
+                index = {lab: i for i, lab in enumerate(vocab)}
+                for row in neighbour_labels:
+                    for lab in row:
+                        if lab not in index:  # a label the head does not know yet (open label set)
+                            index[lab] = len(vocab)
+                            vocab.append(lab)
+                if probs.shape[1] < len(vocab):
+                    probs = np.pad(probs, ((0, 0), (0, len(vocab) - probs.shape[1])))
+                label_idx = np.array([[index[lab] for lab in row] for row in neighbour_labels])
+                probs, lam = compensate_batch(probs, sims.astype(np.float64), label_idx, self.comp)
+        metrics.STAGE_LATENCY.labels("compensation").observe(time.perf_counter() - t0)
+        out = []
+        if len(vocab):
+            top = probs.argmax(axis=1)
+            rows = np.round(probs, 6).tolist()
+        for i in range(len(keys)):
+            if len(vocab) and probs[i, top[i]] > 0:
+                label: str | None = vocab[top[i]]
+                scores = dict(
+                    sorted(((vocab[j], p) for j, p in enumerate(rows[i]) if p > 0), key=lambda kv: -kv[1])
+                )
+            else:
+                label, scores = None, {}
+            out.append(
+                Prediction(
+                    domain=domain,
+                    label=label,
+                    scores=scores,
+                    model_version=version,
+                    adapter=adapter,
+                    compensated=bool(lam[i] > 0.0),
+                    blend=float(lam[i]),
+                    key=keys[i],
+                )
+            )
+        return out
 
     def _prototype_probs(self, domain: str, key: np.ndarray) -> dict[str, float]:
         labels, means = self.memory.class_means(domain)
@@ -240,24 +293,3 @@ class Predictor:
             return {}
         p = softmax(means @ key, self.comp.prototype_tau)
         return dict(zip(labels, p.tolist(), strict=True))
-
-    def _finish(
-        self, domain: str, key: np.ndarray, probs: dict[str, float], version: str, adapter: str | None
-    ) -> Prediction:
-        blend = 0.0
-        if self.comp.enabled:
-            t0 = time.perf_counter()
-            sims, labels = self.memory.search(domain, key, self.comp.k)
-            probs, blend = compensate(probs, sims, labels, self.comp)
-            metrics.STAGE_LATENCY.labels("compensation").observe(time.perf_counter() - t0)
-        label = max(probs, key=lambda k: probs[k]) if probs else None
-        return Prediction(
-            domain=domain,
-            label=label,
-            scores={k: round(v, 6) for k, v in sorted(probs.items(), key=lambda kv: -kv[1])},
-            model_version=version,
-            adapter=adapter,
-            compensated=blend > 0.0,
-            blend=blend,
-            key=key,
-        )

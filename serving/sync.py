@@ -50,7 +50,7 @@ class ReplicaSync:
     def _switch_generation(self, generation: int) -> None:
         """A rebuild finished: load the new generation completely, then swap it in at once."""
         log_ = self.log.at(generation)
-        fresh = InProcessMemory(self.predictor.encoder.dim)
+        fresh = InProcessMemory(self.predictor.encoder.dim, device=self.predictor.memory.device)
         last = "0"
         while batch := log_.read_since(last):
             last = batch[-1][0]

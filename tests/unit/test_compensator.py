@@ -54,3 +54,22 @@ def test_disabled_or_empty_memory_is_identity():
 def test_config_is_checked_up_front(kwargs):
     with pytest.raises(ValueError):
         CompensationConfig(**kwargs)
+
+
+def test_batch_compensation_matches_the_row_wise_rule():
+    from serving.compensator import compensate_batch
+
+    rng = np.random.default_rng(1)
+    vocab = ["a", "b", "c", "d"]
+    for _ in range(50):
+        k = int(rng.integers(1, 6))
+        probs = rng.dirichlet(np.ones(3))
+        sims = np.sort(rng.uniform(0.4, 1.0, size=k))[::-1]
+        labels = [vocab[i] for i in rng.integers(0, 4, size=k)]
+        expected, lam = compensate(dict(zip(vocab[:3], probs, strict=True)), sims, labels, CFG)
+        got, lams = compensate_batch(
+            np.pad(probs, (0, 1))[None, :], sims[None, :], np.array([[vocab.index(x) for x in labels]]), CFG
+        )
+        assert lams[0] == pytest.approx(lam)
+        for j, name in enumerate(vocab):
+            assert got[0, j] == pytest.approx(expected.get(name, 0.0), abs=1e-9)

@@ -80,3 +80,16 @@ def test_remove_masks_entries_and_updates_class_means():
     mem.remove(["e2"])
     assert mem.class_means("d")[0] == ["a"]
     assert mem.add([_entry(2, [0, 1], "b")]) == 0  # a deleted id is not re-added by a redelivery
+
+
+def test_batch_search_matches_single_search():
+    rng = np.random.default_rng(2)
+    mem = InProcessMemory(dim=8)
+    mem.add([_entry(i, rng.normal(size=8), str(i % 4)) for i in range(300)])
+    mem.remove(["e3", "e10"])
+    queries = np.stack([_unit(rng.normal(size=8)) for _ in range(5)])
+    sims, labels = mem.search_batch("d", queries, k=7)
+    for q, row_sims, row_labels in zip(queries, sims, labels, strict=True):
+        one_sims, one_labels = mem.search("d", q, k=7)
+        np.testing.assert_allclose(row_sims, one_sims, rtol=1e-6)
+        assert row_labels == one_labels

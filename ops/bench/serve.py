@@ -1,0 +1,226 @@
+"""``driftserve bench serve``: serving throughput and latency on this machine, against a naive Ray Serve
+deployment of the same model in the same Ray cluster and run.
+
+- naive: one Hugging Face forward per request (tokenize, MiniLM, mean pooling, a linear head), no
+  batching, no memory, the same number of replicas and CPUs;
+- driftserve: the real app with dynamic batching, compensation over ``memory_entries`` stored feedback
+  entries and adapter retrieval on (requests name no domain).
+
+Closed-loop load at increasing concurrency; for each system the best throughput whose p99 stays within
+``p99_budget_ms`` is its capacity, and the report gives capacity(driftserve) / capacity(naive).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from ops.settings import Settings
+
+NAIVE_ROUTE = "/naive"
+
+
+def naive_app(model_path: str | None, num_replicas: int, num_cpus: float):
+    """A plain Serve deployment of the same encoder: what a team would write first."""
+    from ray import serve
+    from starlette.requests import Request
+
+    @serve.deployment(num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus})
+    class Naive:
+        def __init__(self, path: str | None) -> None:
+            import torch
+            from transformers import AutoModel, AutoTokenizer
+
+            from serving.encoder import default_model_path
+
+            path = path or default_model_path()
+            self.torch = torch
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModel.from_pretrained(path).eval()
+            gen = torch.Generator().manual_seed(0)
+            self.head = torch.randn(3, self.model.config.hidden_size, generator=gen)
+            self.labels = ["a", "b", "c"]
+
+        async def __call__(self, request: Request) -> dict:
+            body = await request.json()
+            torch = self.torch
+            with torch.inference_mode():
+                batch = self.tokenizer([body["text"]], truncation=True, max_length=128, return_tensors="pt")
+                hidden = self.model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).float()
+                emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+                probs = torch.softmax(emb @ self.head.T, dim=-1)[0]
+            return {"label": self.labels[int(probs.argmax())], "scores": probs.tolist()}
+
+    return Naive.bind(model_path)
+
+
+def _texts(n: int, seed: int) -> list[str]:
+    from serving.encoder import default_model_path
+
+    vocab = [w for w in (Path(default_model_path()) / "vocab.txt").read_text().split() if w.isalpha()]
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(vocab, size=int(rng.integers(8, 30)))) for _ in range(n)]
+
+
+def load(url: str, texts: list[str], concurrency: int, duration_s: float) -> dict[str, Any]:
+    """Closed loop: ``concurrency`` clients send one request after another for ``duration_s``."""
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    stop_at = time.monotonic() + duration_s
+
+    def client(seed: int) -> None:
+        nonlocal errors
+        i = seed
+        with httpx.Client(timeout=30) as c:
+            while time.monotonic() < stop_at:
+                start = time.perf_counter()
+                try:
+                    r = c.post(url, json={"text": texts[i % len(texts)]})
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                took = time.perf_counter() - start
+                with lock:
+                    if ok:
+                        latencies.append(took)
+                    else:
+                        errors += 1
+                i += concurrency
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(concurrency)]
+    began = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - began
+    lat = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "throughput_rps": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+    }
+
+
+def capacity(levels: list[dict[str, Any]], budget_ms: float) -> float:
+    ok = [lv["throughput_rps"] for lv in levels if lv["p99_ms"] <= budget_ms and lv["errors"] == 0]
+    return max(ok) if ok else 0.0
+
+
+def seed_memory(base_url: str, settings: Settings, entries: int, domains: int = 4) -> None:
+    """Fill the error memory through the real feedback path (Kafka -> memory writer)."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=20)
+    texts = _texts(entries, seed=5)
+    for i, text in enumerate(texts):
+        event = {
+            "event_id": f"bench-serve-{i}",
+            "text": text,
+            "label": f"l{i % 5}",
+            "domain": f"dom{i % domains}",
+        }
+        producer.send(settings.feedback_topic, value=json.dumps(event).encode())
+    producer.flush()
+    producer.close()
+    with httpx.Client(base_url=base_url, timeout=30) as c:
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline:
+            if min(c.get("/healthz").json()["memory_entries"] for _ in range(4)) >= entries:
+                return
+            time.sleep(1.0)
+    raise TimeoutError("the memory writer did not apply the seed entries in time")
+
+
+def run(
+    settings: Settings,
+    out: Path,
+    *,
+    levels: tuple[int, ...] = (1, 2, 4, 8, 16, 32),
+    duration_s: float = 15.0,
+    memory_entries: int = 2000,
+    p99_budget_ms: float = 100.0,
+) -> dict[str, Any]:
+    from ray import serve
+
+    from ops.stack import EmbeddedStack
+
+    result: dict[str, Any] = {
+        "levels": list(levels),
+        "duration_s": duration_s,
+        "p99_budget_ms": p99_budget_ms,
+        "memory_entries": memory_entries,
+        "num_replicas": settings.num_replicas,
+    }
+    with EmbeddedStack(settings, learner=False) as stack:
+        serve.run(
+            naive_app(settings.model_path, settings.num_replicas, settings.replica_num_cpus),
+            name="naive",
+            route_prefix=NAIVE_ROUTE,
+        )
+        seed_memory(stack.url, settings, memory_entries)
+        texts = _texts(500, seed=9)
+        for name, url in (("naive", f"{stack.url}{NAIVE_ROUTE}"), ("driftserve", f"{stack.url}/v1/predict")):
+            load(url, texts, 2, 3.0)  # warm-up
+            result[name] = [load(url, texts, c, duration_s) for c in levels]
+        result["capacity_rps"] = {n: capacity(result[n], p99_budget_ms) for n in ("naive", "driftserve")}
+        naive_cap = result["capacity_rps"]["naive"]
+        result["ratio"] = result["capacity_rps"]["driftserve"] / naive_cap if naive_cap else float("inf")
+        result["single_client_p50_ms"] = {n: result[n][0]["p50_ms"] for n in ("naive", "driftserve")}
+    write_outputs(out, result)
+    return result
+
+
+def write_outputs(out: Path, result: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve.json").write_text(json.dumps(result, indent=2))
+    cap = result["capacity_rps"]
+    lines = [
+        "# driftserve bench serve",
+        "",
+        f"capacity at p99 <= {result['p99_budget_ms']:.0f} ms: "
+        f"driftserve {cap['driftserve']:.1f} req/s, naive {cap['naive']:.1f} req/s, "
+        f"ratio {result['ratio']:.2f}",
+        "",
+        "| system | concurrency | req/s | p50 ms | p99 ms | errors |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in ("naive", "driftserve"):
+        for lv in result[name]:
+            lines.append(
+                f"| {name} | {lv['concurrency']} | {lv['throughput_rps']:.1f} | {lv['p50_ms']:.1f} | "
+                f"{lv['p99_ms']:.1f} | {lv['errors']} |"
+            )
+    (out / "serve.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in ("naive", "driftserve"):
+        ax.plot(
+            [lv["throughput_rps"] for lv in result[name]],
+            [lv["p99_ms"] for lv in result[name]],
+            "o-",
+            label=name,
+        )
+    ax.axhline(result["p99_budget_ms"], color="red", linestyle="--", label="p99 budget")
+    ax.set_xlabel("throughput (req/s)")
+    ax.set_ylabel("p99 latency (ms)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "serve.png", dpi=120)
+    plt.close(fig)
