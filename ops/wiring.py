@@ -39,6 +39,9 @@ def serving_config(settings: Settings) -> ServingConfig:
         batch_max_size=settings.batch_max_size,
         batch_wait_timeout_s=settings.batch_wait_timeout_s,
         adapter_cache_size=settings.adapter_cache_size,
+        memory_index=settings.memory_index,
+        runtime=settings.runtime,
+        onnx_cache_dir=settings.state_dir.resolve() / "onnx",
         adapter_pinned_domains=tuple(
             d.strip() for d in settings.adapter_pinned_domains.split(",") if d.strip()
         ),

@@ -40,7 +40,7 @@ from serving.http_api import (
     V2Tensor,
     decode_v2_request,
 )
-from serving.memory import InProcessMemory
+from serving.memory import make_memory
 from serving.predictor import AdapterCachePolicy, Prediction, Predictor
 from serving.sync import ReplicaSync
 from streams.errors import StoreUnavailable
@@ -122,15 +122,23 @@ class DriftServe:
         self.cfg = cfg
         api.state.max_body_bytes = cfg.max_body_bytes
         encoder = Encoder(cfg.model_path, device=cfg.device, max_length=cfg.max_length)
+        key_encoder = None
+        if cfg.runtime == "onnx":  # exported once per base model, verified against torch before use
+            from serving.onnx_encoder import OnnxEncoder
+
+            key_encoder = OnnxEncoder(cfg.model_path, max_length=cfg.max_length, cache_dir=cfg.onnx_cache_dir)
         self.predictor = Predictor(
             encoder,
-            InProcessMemory(encoder.dim, device=cfg.device),
+            make_memory(cfg.memory_index, encoder.dim, device=cfg.device),
             cfg.compensation,
             AdapterCachePolicy(cfg.adapter_cache_size, frozenset(cfg.adapter_pinned_domains)),
+            key_encoder=key_encoder,
         )
         self._batched.set_max_batch_size(cfg.batch_max_size)
         self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        self.sync = ReplicaSync(self.predictor, cfg.redis, cfg.artifacts_dir, cfg.sync_interval_s)
+        self.sync = ReplicaSync(
+            self.predictor, cfg.redis, cfg.artifacts_dir, cfg.sync_interval_s, memory_kind=cfg.memory_index
+        )
         self.request_embeddings = RequestEmbeddings(self.sync.client, cfg.redis, encoder.fingerprint)
         try:  # catch up before taking traffic, so a fresh replica serves the same memory as the others
             self.sync.step()

@@ -23,6 +23,9 @@ class ServingConfig:
     batch_wait_timeout_s: float = 0.005
     adapter_cache_size: int = 16
     adapter_pinned_domains: tuple[str, ...] = ()
+    memory_index: str = "exact"  # exact | ann
+    runtime: str = "torch"  # torch | onnx (the adapter-free key path; adapters always run on torch)
+    onnx_cache_dir: Path | None = None
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     compensation: CompensationConfig = field(default_factory=CompensationConfig)

@@ -240,11 +240,11 @@ class InProcessMemory:
             return sum(d.live for d in self._domains.values())
 
 
-def make_memory(kind: str, dim: int) -> InProcessMemory:
+def make_memory(kind: str, dim: int, device: str | None = None) -> InProcessMemory:
     """The replica's memory index chosen by settings: ``"exact"`` (brute force per domain) or ``"ann"``
     (the same, plus an HNSW index for domains of 20k entries or more; see ``serving.ann_memory``)."""
     if kind == "exact":
-        return InProcessMemory(dim)
+        return InProcessMemory(dim, device=device)
     if kind == "ann":
         from serving.ann_memory import AnnMemory  # imported on demand: usearch is needed only here
 

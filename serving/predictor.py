@@ -87,7 +87,10 @@ class Predictor:
         comp: CompensationConfig,
         cache: AdapterCachePolicy | None = None,
         retrieval: RetrievalConfig | None = None,
+        key_encoder=None,
     ) -> None:
+        """``key_encoder``: computes the adapter-free memory keys (e.g. ONNX Runtime); default ``encoder``."""
+        self.key_encoder = key_encoder or encoder
         self.retrieval = retrieval or RetrievalConfig()
         self.encoder = encoder
         self.memory = memory
@@ -169,7 +172,7 @@ class Predictor:
     # -- prediction -----------------------------------------------------------------------------------
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """The memory key of each text (base model, no adapter)."""
-        return self.encoder.encode(texts)
+        return self.key_encoder.encode(texts)
 
     def route(self, key: np.ndarray) -> tuple[str, float]:
         """The domain for a request that names none, and the similarity of its key to that domain."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from serving import metrics
 from serving.artifacts import load_artifact
 from serving.errors import ArtifactRejected
-from serving.memory import InProcessMemory
+from serving.memory import make_memory
 from serving.predictor import Predictor
 from streams.errors import StoreUnavailable
 from streams.redis_store import MemoryLog, RedisConfig, RegistryPointers, connect
@@ -23,11 +23,17 @@ log = logging.getLogger(__name__)
 
 class ReplicaSync:
     def __init__(
-        self, predictor: Predictor, redis_cfg: RedisConfig, artifacts_dir: Path, interval_s: float
+        self,
+        predictor: Predictor,
+        redis_cfg: RedisConfig,
+        artifacts_dir: Path,
+        interval_s: float,
+        memory_kind: str = "exact",
     ) -> None:
         self.predictor = predictor
         self.artifacts_dir = Path(artifacts_dir)
         self.interval_s = interval_s
+        self.memory_kind = memory_kind
         client = connect(redis_cfg)
         self.client = client
         self._redis_cfg = redis_cfg
@@ -50,7 +56,7 @@ class ReplicaSync:
     def _switch_generation(self, generation: int) -> None:
         """A rebuild finished: load the new generation completely, then swap it in at once."""
         log_ = self.log.at(generation)
-        fresh = InProcessMemory(self.predictor.encoder.dim, device=self.predictor.memory.device)
+        fresh = make_memory(self.memory_kind, self.predictor.encoder.dim, device=self.predictor.memory.device)
         last = "0"
         while batch := log_.read_since(last):
             last = batch[-1][0]

@@ -233,6 +233,8 @@ float64 and would print 1000000 as 1e+06. Secrets are not here: see driftserve.s
 {{- $_ := set $s "batch_wait_timeout_s" (float64 $v.serving.batching.batchWaitTimeoutS | toString) }}
 {{- $_ := set $s "adapter_cache_size" (int64 $v.serving.adapterCache.maxAdapters | toString) }}
 {{- $_ := set $s "adapter_pinned_domains" (join "," $v.serving.adapterCache.pinned) }}
+{{- $_ := set $s "memory_index" $v.serving.memoryIndex }}
+{{- $_ := set $s "runtime" $v.serving.runtime }}
 {{- else if eq .role "learner" }}
 {{- $_ := set $s "device" (ternary "cuda" "cpu" $v.learner.gpu.enabled) }}
 {{- $_ := set $s "learner_min_examples" (int64 $v.learner.minExamples | toString) }}
