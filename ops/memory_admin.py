@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from kafka import KafkaConsumer, TopicPartition
 
 from ops.settings import Settings
-from ops.wiring import encoder as make_encoder
+from ops.wiring import key_encoder as make_encoder
 from serving.encoder import Encoder
 from serving.feedback_writer import GROUP_ROLE as WRITER_ROLE
 from streams.errors import InvalidEvent

@@ -78,7 +78,9 @@ class Settings(BaseSettings):
         "exact", description="error-memory search: exact, or an HNSW index for domains of 20k+ entries"
     )
     runtime: Literal["torch", "onnx"] = Field(
-        "torch", description="base encoder runtime (ONNX Runtime: CUDA provider on GPU, else CPU)"
+        "onnx",
+        description="runtime of the adapter-free encoder (memory keys, feedback): ONNX Runtime (CUDA "
+        "provider on GPU, else CPU; exported once per base model, verified against torch) or torch",
     )
 
     # Compensation (ReLoop2)

@@ -221,6 +221,10 @@ class EmbeddedStack:
                 f"({time.monotonic() - t0:.1f}s)"
             )
 
+            if s.runtime == "onnx":  # export and verify once, before the writer and replicas load it
+                from ops.wiring import key_encoder
+
+                key_encoder(s)
             child_env = {**settings_env(s), **menv, "PYTHONUNBUFFERED": "1"}
             self._spawn("memory-writer", [sys.executable, "-m", "ops.cli", "memory-writer"], child_env)
             if self.with_learner:

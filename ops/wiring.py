@@ -55,8 +55,22 @@ def encoder(settings: Settings) -> Encoder:
     return Encoder(settings.model_path, device=settings.device, max_length=settings.max_length)
 
 
+def key_encoder(settings: Settings):
+    """The adapter-free encoder for memory keys: ONNX Runtime (2.2x torch's rate on 2 CPU cores) or torch."""
+    if settings.runtime == "onnx":
+        from serving.onnx_encoder import OnnxEncoder
+
+        return OnnxEncoder(
+            settings.model_path,
+            max_length=settings.max_length,
+            batch_size=64,
+            cache_dir=settings.state_dir.resolve() / "onnx",
+        )
+    return encoder(settings)
+
+
 def memory_writer(settings: Settings) -> MemoryWriter:
-    return MemoryWriter.connect(encoder(settings), settings.kafka(), settings.redis())
+    return MemoryWriter.connect(key_encoder(settings), settings.kafka(), settings.redis())
 
 
 def learner(settings: Settings) -> Learner:

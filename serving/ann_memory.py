@@ -55,6 +55,7 @@ class AnnMemory(InProcessMemory):
         self,
         dim: int,
         *,
+        device: str | None = None,
         exact_below: int = 20_000,
         candidates: int = 64,
         connectivity: int = 16,
@@ -68,7 +69,7 @@ class AnnMemory(InProcessMemory):
             raise ValueError(f"exact_below must be at least 1 (1 indexes every domain), got {exact_below}")
         if candidates < 1 or connectivity < 2 or expansion_add < 1 or expansion_search < 1:
             raise ValueError("candidates, expansion_add and expansion_search must be >= 1, connectivity >= 2")
-        super().__init__(dim)
+        super().__init__(dim, device=device)
         self.exact_below = exact_below
         self.candidates = candidates
         self.connectivity = connectivity
@@ -172,6 +173,8 @@ class AnnMemory(InProcessMemory):
         result stays rectangular.
         """
         q = np.asarray(queries, dtype=np.float32)
+        if self.device is not None and domain not in self.indexed_domains():
+            return super().search_batch(domain, q, k)  # exact, on the accelerator's mirror of the keys
         results = self._search(domain, q.reshape(q.shape[0], -1), k)
         width = max((len(labels) for _, labels in results), default=0)
         sims = np.full((len(results), width), -np.inf, dtype=np.float32)

@@ -126,7 +126,12 @@ class DriftServe:
         if cfg.runtime == "onnx":  # exported once per base model, verified against torch before use
             from serving.onnx_encoder import OnnxEncoder
 
-            key_encoder = OnnxEncoder(cfg.model_path, max_length=cfg.max_length, cache_dir=cfg.onnx_cache_dir)
+            key_encoder = OnnxEncoder(
+                cfg.model_path,
+                max_length=cfg.max_length,
+                cache_dir=cfg.onnx_cache_dir,
+                intra_op_threads=1,  # replicas scale out by count; one thread each shares cores fairly
+            )
         self.predictor = Predictor(
             encoder,
             make_memory(cfg.memory_index, encoder.dim, device=cfg.device),

@@ -13,12 +13,22 @@ import hashlib
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
 _FINGERPRINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
+
+
+class TextEncoder(Protocol):
+    """What the memory writer and the memory-key path need: torch ``Encoder`` or ``OnnxEncoder``."""
+
+    fingerprint: str
+    dim: int
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
 def default_model_path() -> str:

@@ -18,7 +18,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
 from serving import metrics
-from serving.encoder import Encoder
+from serving.encoder import TextEncoder
 from streams.errors import InvalidEvent, StoreUnavailable
 from streams.kafka_io import KafkaConfig, dead_letter, make_consumer, make_producer
 from streams.redis_store import MemoryEntry, MemoryLog, RedisConfig, RequestEmbeddings, connect
@@ -32,7 +32,7 @@ GROUP_ROLE = "memory-writer"
 class MemoryWriter:
     def __init__(
         self,
-        encoder: Encoder,
+        encoder: TextEncoder,
         kafka: KafkaConfig,
         log: MemoryLog,
         producer: KafkaProducer,
@@ -45,7 +45,7 @@ class MemoryWriter:
         self._producer = producer
 
     @classmethod
-    def connect(cls, encoder: Encoder, kafka: KafkaConfig, redis_cfg: RedisConfig) -> MemoryWriter:
+    def connect(cls, encoder: TextEncoder, kafka: KafkaConfig, redis_cfg: RedisConfig) -> MemoryWriter:
         client = connect(redis_cfg)
         return cls(
             encoder,

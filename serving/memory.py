@@ -248,5 +248,5 @@ def make_memory(kind: str, dim: int, device: str | None = None) -> InProcessMemo
     if kind == "ann":
         from serving.ann_memory import AnnMemory  # imported on demand: usearch is needed only here
 
-        return AnnMemory(dim)
+        return AnnMemory(dim, device=device)
     raise ValueError(f"memory index must be 'exact' or 'ann', got {kind!r}")

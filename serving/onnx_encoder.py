@@ -138,6 +138,7 @@ class OnnxEncoder:
         cache_dir: str | Path | None = None,
         tolerance: float = DEFAULT_TOLERANCE,
         providers: Sequence[str] | None = None,
+        intra_op_threads: int | None = None,
     ) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
@@ -149,6 +150,7 @@ class OnnxEncoder:
         self.max_length = max_length
         self.batch_size = batch_size
         self.tolerance = tolerance
+        self.intra_op_threads = intra_op_threads
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.fingerprint = model_fingerprint(self.model_path)
         self.dim = int(AutoConfig.from_pretrained(self.model_path).hidden_size)
@@ -298,6 +300,12 @@ class OnnxEncoder:
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # errors only: no per-node placement warnings
+        # Idle worker threads must sleep, not spin: replicas, the memory writer and the learner share a
+        # few cores, and spinning thread pools starve the process that has work.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if self.intra_op_threads:
+            opts.intra_op_num_threads = self.intra_op_threads
         providers: list[Any] = [
             (p, {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p for p in self._requested
         ]

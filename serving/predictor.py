@@ -21,7 +21,7 @@ import numpy as np
 from serving import metrics
 from serving.artifacts import Artifact
 from serving.compensator import CompensationConfig, compensate_batch, softmax
-from serving.encoder import Encoder
+from serving.encoder import Encoder, TextEncoder
 from serving.memory import InProcessMemory
 from streams.schemas import DEFAULT_DOMAIN
 
@@ -87,7 +87,7 @@ class Predictor:
         comp: CompensationConfig,
         cache: AdapterCachePolicy | None = None,
         retrieval: RetrievalConfig | None = None,
-        key_encoder=None,
+        key_encoder: TextEncoder | None = None,
     ) -> None:
         """``key_encoder``: computes the adapter-free memory keys (e.g. ONNX Runtime); default ``encoder``."""
         self.key_encoder = key_encoder or encoder

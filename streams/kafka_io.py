@@ -95,6 +95,7 @@ def make_consumer(cfg: KafkaConfig, group_id: str, topics: Iterable[str]) -> Kaf
         session_timeout_ms=cfg.session_timeout_ms,
         heartbeat_interval_ms=cfg.heartbeat_interval_ms,
         max_poll_records=256,
+        fetch_max_wait_ms=50,  # feedback is latency-bound: do not let the broker hold a fetch for 500 ms
         max_poll_interval_ms=600_000,
     )
 

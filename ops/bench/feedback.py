@@ -80,20 +80,23 @@ class FeedbackBench:
         return time.monotonic()
 
     # -- feedback-to-fix ----------------------------------------------------------------------------
-    def fix_times(self, rate: float, duration: float, sample_every: int, timeout: float) -> dict[str, Any]:
+    def fix_times(
+        self, rate: float, duration: float, sample_every: int, timeout: float, poll_interval: float = 0.05
+    ) -> dict[str, Any]:
         domain = f"bench-fix-{self.run_id}"
         with httpx.Client(base_url=self.url, timeout=30) as client:
             replicas = self.replicas(client)
         results: list[float] = []
         misses = 0
         lock = threading.Lock()
-        pool = ThreadPoolExecutor(max_workers=4)
+        pool = ThreadPoolExecutor(max_workers=6)  # enough that a probe never waits for a worker
 
         def probe(text: str, label: str, acked: float) -> None:
             nonlocal misses
             fixed: set[str] = set()
             with httpx.Client(base_url=self.url, timeout=30) as client:
                 while time.monotonic() - acked < timeout:
+                    time.sleep(poll_interval)  # probes must not starve the system they measure
                     r = client.post("/v1/predict", json={"text": text, "domain": domain})
                     if r.status_code == 200 and r.json()["label"] == label:
                         fixed.add(r.headers.get("x-driftserve-replica", "?"))
@@ -147,6 +150,7 @@ class FeedbackBench:
                     request_ids[i] = client.post("/v1/predict", json={"text": text, "domain": domain}).json()[
                         "request_id"
                     ]
+        self._drain()
         before = len(self.log)
         start = time.monotonic()
         for i, text in enumerate(texts):
@@ -169,6 +173,16 @@ class FeedbackBench:
             "seconds_to_applied": took,
             "events_per_s": applied / took,
         }
+
+    def _drain(self, quiet_s: float = 2.0, limit_s: float = 300.0) -> None:
+        """Wait until the memory stops growing, so a measurement does not count an earlier backlog."""
+        deadline = time.monotonic() + limit_s
+        last, since = len(self.log), time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - since < quiet_s:
+            time.sleep(0.2)
+            now = len(self.log)
+            if now != last:
+                last, since = now, time.monotonic()
 
     def close(self) -> None:
         self.producer.close()
