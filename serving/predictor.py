@@ -59,7 +59,7 @@ class RetrievalConfig:
 
     enabled: bool = True
     candidates: int = 3
-    min_similarity: float = 0.3
+    min_similarity: float = 0.1
 
 
 @dataclass(frozen=True)
