@@ -62,10 +62,10 @@ def test_up_serves_and_stops_cleanly_on_sigterm(tmp_path):
 
 def test_up_refuses_a_taken_port_with_a_clear_message(tmp_path):
     with socket.socket() as held:
-        held.bind(("127.0.0.1", int(PORTS["--http-port"])))
+        held.bind(("127.0.0.1", 0))  # a port this test owns, whatever the previous test left in TIME_WAIT
         held.listen()
-        result = subprocess.run(
-            _args(tmp_path), capture_output=True, text=True, timeout=120, env={**os.environ}
-        )
+        port = held.getsockname()[1]
+        args = [*_args(tmp_path), "--http-port", str(port)]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=120, env={**os.environ})
     assert result.returncode == 2
-    assert "127.0.0.1:18280 is already in use" in result.stderr and "--http-port" in result.stderr
+    assert f"127.0.0.1:{port} is already in use" in result.stderr and "--http-port" in result.stderr
