@@ -25,7 +25,6 @@ says when a GPU is present but unused. TF32 is disabled on CUDA so that fp32 sta
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from serving.artifacts import sha256_file
 from serving.encoder import default_model_path, model_fingerprint
 from serving.errors import ServingError
 
@@ -105,14 +105,6 @@ def _cuda_provider_problem() -> str | None:
     except OSError as exc:
         return str(exc)
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -200,7 +192,7 @@ class OnnxEncoder:
         if manifest.get("fingerprint") != self.fingerprint or manifest.get("opset") != OPSET:
             log.warning("ONNX cache manifest %s is for another model or opset; re-exporting", path)
             return None
-        if not path.is_file() or _sha256(path) != manifest.get("sha256"):
+        if not path.is_file() or sha256_file(path) != manifest.get("sha256"):
             log.warning("cached ONNX model %s is missing or corrupt (sha256 mismatch); re-exporting", path)
             return None
         try:
@@ -225,7 +217,7 @@ class OnnxEncoder:
             diff = self._verify(session)
             if diff > self.tolerance:
                 raise OnnxVerificationError(diff, self.tolerance, self.model_path)
-            sha = _sha256(tmp)
+            sha = sha256_file(tmp)
             final = self.cache_dir / f"{self.fingerprint[:16]}-{sha[:16]}.onnx"
             os.replace(tmp, final)
         finally:

@@ -81,3 +81,37 @@ def dlq_messages(stack: EmbeddedStack, timeout_s: float = 10.0) -> list:
         return list(consumer)
     finally:
         consumer.close()
+
+
+class BackgroundLoad:
+    """Predict requests in a loop on another thread while a test changes the system under them.
+
+    Counts answers and records failures; ``on_answer`` sees each successful JSON answer."""
+
+    def __init__(self, url: str, body: dict, on_answer=None) -> None:
+        import threading
+
+        self.url, self.body, self.on_answer = url, body, on_answer
+        self.answered = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as c:
+            while not self._stop.is_set():
+                r = c.post("/v1/predict", json=self.body)
+                if r.status_code != 200:
+                    self.failures.append(f"{r.status_code} {r.text}")
+                    continue
+                self.answered += 1
+                if self.on_answer is not None:
+                    self.on_answer(r.json())
+
+    def __enter__(self) -> BackgroundLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 import time
-
-import httpx
 
 from ops.memory_admin import Rebuilder
 from tests.conftest import wait_for
-from tests.integration.conftest import send_feedback
+from tests.integration.conftest import BackgroundLoad, send_feedback
 
 ROWS = [
     ("My card was charged twice this month", "billing"),
@@ -91,22 +88,7 @@ def test_rebuild_from_the_log_while_serving(client, producer, stack, unique):
     wait_for(lambda: _stable_entries(client, base + 4), 15, what="entries before the rebuild")
     before = client.post("/v1/predict", json={"text": ROWS[0][0], "domain": domain}).json()
 
-    failures: list[str] = []
-    answered = 0
-    stop = threading.Event()
-
-    def load() -> None:
-        nonlocal answered
-        with httpx.Client(base_url=stack.url, timeout=30) as c:
-            while not stop.is_set():
-                r = c.post("/v1/predict", json={"text": ROWS[1][0], "domain": domain})
-                if r.status_code != 200:
-                    failures.append(r.text)
-                answered += 1
-
-    worker = threading.Thread(target=load)
-    worker.start()
-    try:
+    with BackgroundLoad(stack.url, {"text": ROWS[1][0], "domain": domain}) as load:
         report = Rebuilder(stack.settings).run()
         late = {
             "event_id": f"{domain}-after",
@@ -115,14 +97,8 @@ def test_rebuild_from_the_log_while_serving(client, producer, stack, unique):
             "domain": domain,
         }
         send_feedback(producer, stack.settings.feedback_topic, [late])
-        wait_for(
-            lambda: _stable_entries(client, base + 5),
-            20,
-            what=f"the new generation plus a later event (base {base})",
-        )
-    finally:
-        stop.set()
-        worker.join()
+        wait_for(lambda: _stable_entries(client, base + 5), 20, what="the new generation plus a later event")
+    failures, answered = load.failures, load.answered
     print(f"rebuild: {report}; {answered} requests answered during it")
     assert failures == [] and answered > 0
     assert report.generation >= 1 and report.added >= base + 4

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 from tests.conftest import wait_for
-from tests.integration.conftest import dlq_messages, send_feedback
+from tests.integration.conftest import BackgroundLoad, dlq_messages, send_feedback
 
 TICKETS = [
     ("I was charged twice for my plan", "billing"),
@@ -75,38 +74,20 @@ def test_wrong_prediction_corrected_within_two_seconds(client, producer, stack, 
 def test_learner_adapter_hot_swapped_while_requests_succeed(client, producer, stack, unique):
     domain = unique("swap")
     seen_versions: list[str] = []
-    failures: list[str] = []
-    answered = 0
-    stop = threading.Event()
 
-    def load() -> None:
-        nonlocal answered
-        import httpx
+    def record(answer: dict) -> None:
+        adapter = answer["adapter"]
+        if adapter and (not seen_versions or seen_versions[-1] != adapter):
+            seen_versions.append(adapter)
 
-        with httpx.Client(base_url=stack.url, timeout=30) as c:
-            while not stop.is_set():
-                r = c.post("/v1/predict", json={"text": TICKETS[0][0], "domain": domain})
-                if r.status_code != 200:
-                    failures.append(f"{r.status_code} {r.text}")
-                    continue
-                answered += 1
-                adapter = r.json()["adapter"]
-                if adapter and (not seen_versions or seen_versions[-1] != adapter):
-                    seen_versions.append(adapter)
-
-    worker = threading.Thread(target=load)
-    worker.start()
-    try:
+    with BackgroundLoad(stack.url, {"text": TICKETS[0][0], "domain": domain}, record) as load:
         send_feedback(producer, stack.settings.feedback_topic, _rows(domain, TICKETS))
         wait_for(lambda: len(seen_versions) >= 1, 180, interval=0.2, what="the first adapter")
         more = [(f"{t} again, version two", lab) for t, lab in TICKETS]
         send_feedback(producer, stack.settings.feedback_topic, _rows(domain, more, prefix=f"{domain}-b"))
         wait_for(lambda: len(seen_versions) >= 2, 180, interval=0.2, what="the retrained adapter")
-    finally:
-        stop.set()
-        worker.join()
-    assert failures == []
-    assert answered > 0 and len(set(seen_versions)) >= 2
+    assert load.failures == []
+    assert load.answered > 0 and len(set(seen_versions)) >= 2
     manifest_dir = stack.settings.artifacts_dir / domain / seen_versions[-1]
     assert (manifest_dir / "manifest.json").is_file()
     final = _predict(client, TICKETS[1][0], domain)

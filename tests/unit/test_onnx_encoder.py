@@ -84,7 +84,7 @@ def test_a_cached_model_that_computes_something_else_fails_verification_and_is_r
     import onnx
     from onnx import numpy_helper
 
-    from serving.onnx_encoder import _sha256
+    from serving.artifacts import sha256_file as _sha256
 
     first = _encoder(tiny_model_dir, tmp_path)
     model = onnx.load(str(first.onnx_path))
