@@ -1,5 +1,6 @@
 """The learner service: feedback stream -> replay buffers -> candidate adapter -> evaluation with
-serving's own Predictor -> gate -> atomic publish -> registry pointer -> rollout event.
+serving's own Predictor -> atomic publish -> registered as a candidate. The rollout controller (ops)
+gates it and rolls it out; learners never change what is served.
 
 Offsets are committed after the buffer append is fsynced. Training runs in the poll loop (the consumer's
 ``max_poll_interval_ms`` covers a run); later learners move it to a worker.
@@ -7,7 +8,7 @@ Offsets are committed after the buffer append is fsynced. Training runs in the p
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import threading
 import time
@@ -16,16 +17,16 @@ from pathlib import Path
 
 from learners import artifacts
 from learners.buffer import Example, ReplayBuffers
+from learners.evaluation import evaluate_candidate
 from learners.trainer import TrainConfig, train_adapter
 from serving import metrics
 from serving.artifacts import Artifact, load_artifact
 from serving.compensator import CompensationConfig
 from serving.encoder import Encoder
-from serving.memory import InProcessMemory
-from serving.predictor import Predictor
 from streams.errors import InvalidEvent
-from streams.kafka_io import KafkaConfig, make_consumer, make_producer
-from streams.redis_store import MemoryLog, RedisConfig, RegistryPointers, connect
+from streams.kafka_io import KafkaConfig, make_consumer
+from streams.redis_store import MemoryLog, RedisConfig, connect
+from streams.registry_store import RegistryConflict, RegistryStore
 from streams.schemas import ArtifactManifest, parse_feedback, parse_forget
 
 log = logging.getLogger(__name__)
@@ -38,14 +39,13 @@ class LearnerPolicy:
     min_examples: int = 32
     retrain_every: int = 64
     holdout_frac: float = 0.2
-    gate_epsilon: float = 0.02
 
 
 @dataclass(frozen=True)
 class RunReport:
     domain: str
     version: str
-    promoted: bool
+    submitted: bool
     reason: str
     metrics: dict[str, float]
 
@@ -70,7 +70,7 @@ class Learner:
         self.policy = policy
         self.comp = comp
         client = connect(redis_cfg)
-        self.pointers = RegistryPointers(client, redis_cfg)
+        self.registry = RegistryStore(client, redis_cfg)
         self.memory_log = MemoryLog(client, redis_cfg, encoder.fingerprint)
         self.buffers = ReplayBuffers(buffer_dir)
         self.reports: list[RunReport] = []
@@ -82,11 +82,14 @@ class Learner:
 
     def due(self, domain: str) -> bool:
         examples = self.buffers.examples(domain)
-        has_adapter = domain in self.pointers.active()
+        has_adapter = domain in self.registry.active()
         if domain in self.unlearn:
             if has_adapter and not self._enough(examples):
                 # Too little data left to train without the forgotten examples: stop serving the adapter.
-                self.pointers.clear(domain)
+                with contextlib.suppress(RegistryConflict):
+                    self.registry.withdraw(
+                        domain, actor="learner", reason="adapter saw forgotten data; too little data left"
+                    )
                 log.info("domain %s: adapter withdrawn after forget (too little data left)", domain)
             if not has_adapter or not self._enough(examples):
                 self.unlearn.discard(domain)
@@ -98,7 +101,7 @@ class Learner:
 
     # -- one training run -------------------------------------------------------------------------------
     def current(self, domain: str) -> Artifact | None:
-        version = self.pointers.active().get(domain)
+        version = self.registry.active().get(domain)
         if version is None:
             return None
         return load_artifact(
@@ -148,35 +151,27 @@ class Learner:
             scores = self.evaluate(domain, candidate, parent, train, hold)
             scores["train_steps"] = float(trained.steps)
             scores["train_loss"] = trained.final_loss
-            promoted, reason = self.gate(scores, has_holdout=bool(hold))
-            if unlearning and not promoted:
-                promoted, reason = (
-                    True,
-                    f"unlearning: replaces an adapter trained on forgotten data ({reason})",
-                )
             scores["train_seconds"] = time.monotonic() - started
-            if not promoted:
-                artifacts.discard(staged)
-            else:
-                artifacts.commit(staged, metrics=scores)
-                self.pointers.set_active(domain, version)
+            artifacts.commit(staged, metrics=scores)
         except BaseException:
             artifacts.discard(staged)
             raise
-        self.buffers.mark_trained(domain)
-        self.unlearn.discard(domain)
-        metrics.LEARNER_RUNS.labels("promoted" if promoted else "rejected").inc()
-        metrics.LEARNER_SECONDS.observe(time.monotonic() - started)
-        report = RunReport(domain, version, promoted, reason, scores)
-        self.reports.append(report)
-        log.info(
-            "domain %s candidate %s: %s (%s) %s",
+        reason = "retrained without forgotten data" if unlearning else "new labels"
+        self.registry.submit_candidate(
             domain,
             version,
-            "promoted" if promoted else "rejected",
-            reason,
-            scores,
+            parent=manifest.parent,
+            metrics=scores,
+            reason=reason,
+            unlearning=unlearning,
         )
+        self.buffers.mark_trained(domain)
+        self.unlearn.discard(domain)
+        metrics.LEARNER_RUNS.labels("submitted").inc()
+        metrics.LEARNER_SECONDS.observe(time.monotonic() - started)
+        report = RunReport(domain, version, True, reason, scores)
+        self.reports.append(report)
+        log.info("domain %s candidate %s submitted (%s) %s", domain, version, reason, scores)
         return report
 
     def evaluate(
@@ -187,35 +182,9 @@ class Learner:
         train: list[Example],
         hold: list[Example],
     ) -> dict[str, float]:
-        """Accuracy of candidate and current on held-out recent feedback, through serving's Predictor with
-        the error memory holding only the training window (so held-out answers are not looked up)."""
-        if not hold:
-            return {}
-        memory = InProcessMemory(self.encoder.dim)
         train_ids = {e.event_id for e in train}
-        memory.add([e for e in self.memory_log.iter_all() if e.domain == domain and e.event_id in train_ids])
-        predictor = Predictor(self.encoder, memory, self.comp)
-        texts, truth = [e.text for e in hold], [e.label for e in hold]
-
-        def acc() -> float:
-            preds = predictor.predict(texts, [domain] * len(texts))
-            return sum(p.label == t for p, t in zip(preds, truth, strict=True)) / len(truth)
-
-        if parent is not None:
-            predictor.activate(parent)
-        current = acc()
-        predictor.activate(candidate)
-        new = acc()
-        predictor.deactivate(domain)
-        return {"holdout_accuracy": new, "current_accuracy": current, "holdout_size": float(len(hold))}
-
-    def gate(self, scores: dict[str, float], *, has_holdout: bool) -> tuple[bool, str]:
-        if not has_holdout:
-            return True, "no holdout yet: first adapter accepted on training data"
-        new, cur = scores["holdout_accuracy"], scores["current_accuracy"]
-        if new >= cur - self.policy.gate_epsilon:
-            return True, f"accuracy {new:.3f} >= current {cur:.3f} - {self.policy.gate_epsilon}"
-        return False, f"accuracy {new:.3f} < current {cur:.3f} - {self.policy.gate_epsilon}"
+        entries = [e for e in self.memory_log.iter_all() if e.domain == domain and e.event_id in train_ids]
+        return evaluate_candidate(self.encoder, self.comp, domain, candidate, parent, train, hold, entries)
 
     # -- the loop ---------------------------------------------------------------------------------------
     def apply(self, records: list) -> None:
@@ -241,7 +210,6 @@ class Learner:
         consumer = make_consumer(
             self.kafka, self.kafka.group(GROUP_ROLE), [self.kafka.feedback_topic, self.kafka.forget_topic]
         )
-        producer = make_producer(self.kafka)
         try:
             while not stop.is_set():
                 polled = consumer.poll(timeout_ms=500)
@@ -256,23 +224,10 @@ class Learner:
                     if stop.is_set() or not self.due(domain):
                         continue
                     try:
-                        report = self.train_domain(domain)
+                        self.train_domain(domain)
                     except Exception:
                         metrics.LEARNER_RUNS.labels("failed").inc()
                         log.exception("training %s failed", domain)
                         self.buffers.mark_trained(domain)  # wait for more data before trying again
-                        continue
-                    event = {
-                        "type": "promoted" if report.promoted else "rejected",
-                        "domain": domain,
-                        "version": report.version,
-                        "reason": report.reason,
-                        "metrics": report.metrics,
-                        "ts": time.time(),
-                    }
-                    producer.send(
-                        self.kafka.rollout_topic, key=domain.encode(), value=json.dumps(event).encode()
-                    ).get(timeout=10)
         finally:
             consumer.close(autocommit=False)
-            producer.close(timeout=5)

@@ -85,7 +85,6 @@ def learner(settings: Settings) -> Learner:
             min_examples=settings.learner_min_examples,
             retrain_every=settings.learner_retrain_every,
             holdout_frac=settings.learner_holdout_frac,
-            gate_epsilon=settings.learner_gate_epsilon,
         ),
         comp=settings.compensation(),
     )

@@ -16,7 +16,8 @@ from serving.errors import ArtifactRejected
 from serving.memory import make_memory
 from serving.predictor import Predictor
 from streams.errors import StoreUnavailable
-from streams.redis_store import MemoryLog, RedisConfig, RegistryPointers, connect
+from streams.redis_store import MemoryLog, RedisConfig, connect
+from streams.registry_store import RegistryStore
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class ReplicaSync:
         self.client = client
         self._redis_cfg = redis_cfg
         self.log = MemoryLog(client, redis_cfg, predictor.encoder.fingerprint, generation=-1)
-        self.pointers = RegistryPointers(client, redis_cfg)
+        self.registry = RegistryStore(client, redis_cfg)
         self._last_id = "0"
         self._rejected: set[tuple[str, str]] = set()
         self._stop = threading.Event()
@@ -79,7 +80,7 @@ class ReplicaSync:
             block_ms = None  # only the first read may block
         metrics.MEMORY_ENTRIES.set(len(self.predictor.memory))
         active = self.predictor.active_versions()
-        pointers = self.pointers.active()
+        pointers = self.registry.active()
         for domain in set(active) - set(pointers):
             self.predictor.deactivate(domain)  # withdrawn (e.g. after a forget left too little data)
         for domain, version in pointers.items():

@@ -1,5 +1,5 @@
 """Redis-backed stores: the error-memory log, idempotency keys, forget records, the request-embedding
-cache and the registry's active pointers.
+cache. The registry's state lives in :mod:`streams.registry_store`.
 
 The error memory of one base model (its fingerprint) is an append-only Redis Stream per *generation*;
 a rebuild writes a new generation from the Kafka log and then flips the generation pointer, so serving
@@ -276,24 +276,3 @@ class RequestEmbeddings:
             vec = None if value is None else np.frombuffer(value, dtype=np.float32)
             out.append(vec if vec is not None and vec.shape == (dim,) else None)
         return out
-
-
-class RegistryPointers:
-    """Which artifact version each domain serves. Serving polls it; learners and operators set it."""
-
-    def __init__(self, client: redis.Redis, cfg: RedisConfig) -> None:
-        self._r = client
-        self.key = f"{cfg.namespace}:registry:active"
-
-    @_guard("registry write failed")
-    def set_active(self, domain: str, version: str) -> None:
-        self._r.hset(self.key, domain, version)
-
-    @_guard("registry write failed")
-    def clear(self, domain: str) -> None:
-        self._r.hdel(self.key, domain)
-
-    @_guard("registry read failed")
-    def active(self) -> dict[str, str]:
-        raw = self._r.hgetall(self.key)
-        return {k.decode(): v.decode() for k, v in raw.items()}

@@ -1,0 +1,114 @@
+"""Candidate evaluation with serving's own Predictor (error-memory compensation included).
+
+The report compares the candidate with what the domain serves now (its promoted adapter, or the
+memory-only predictor when there is none) on held-out recent feedback:
+
+- ``holdout_accuracy`` / ``current_accuracy``;
+- ``nfr`` / ``pfr``: negative and positive flip rates, NF(x) = [old(x) = y] and [new(x) != y] (MUSCLE);
+- ``ece`` / ``current_ece``: expected calibration error of the top label (15 equal-width bins);
+- ``compat_new_old`` / ``compat_old_old``: the empirical compatibility criterion (BCT): top-1 retrieval
+  accuracy of held-out queries embedded by the candidate against a gallery of training examples embedded
+  by the current adapter, next to the current adapter against itself. Only with a current adapter.
+
+The error memory holds only the training window, so held-out answers are never looked up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from learners.buffer import Example
+from serving.artifacts import Artifact
+from serving.compensator import CompensationConfig
+from serving.encoder import Encoder
+from serving.memory import InProcessMemory
+from serving.predictor import Prediction, Predictor, adapter_name
+from streams.redis_store import MemoryEntry
+
+ECE_BINS = 15
+COMPAT_GALLERY = 512
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    if len(confidence) == 0:
+        return 0.0
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            ece += mask.mean() * abs(float(confidence[mask].mean()) - float(correct[mask].mean()))
+    return float(ece)
+
+
+def flip_rates(old_correct: np.ndarray, new_correct: np.ndarray) -> tuple[float, float]:
+    """(NFR, PFR) over the same examples."""
+    if len(old_correct) == 0:
+        return 0.0, 0.0
+    return float(np.mean(old_correct & ~new_correct)), float(np.mean(~old_correct & new_correct))
+
+
+def _outcome(preds: Sequence[Prediction], truth: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    correct = np.array([p.label == t for p, t in zip(preds, truth, strict=True)], dtype=bool)
+    confidence = np.array([p.scores.get(p.label, 0.0) if p.label else 0.0 for p in preds])
+    return correct, confidence
+
+
+def _adapted(predictor: Predictor, artifact: Artifact, texts: Sequence[str]) -> np.ndarray:
+    predictor.activate(artifact)
+    with predictor.encoder.lock:
+        return predictor.encoder.encode(list(texts), adapter=adapter_name(artifact))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _top1(queries: np.ndarray, gallery: np.ndarray, gallery_labels: list[str], truth: list[str]) -> float:
+    nearest = np.argmax(_unit(queries) @ _unit(gallery).T, axis=1)
+    return float(np.mean([gallery_labels[j] == t for j, t in zip(nearest, truth, strict=True)]))
+
+
+def evaluate_candidate(
+    encoder: Encoder,
+    comp: CompensationConfig,
+    domain: str,
+    candidate: Artifact,
+    parent: Artifact | None,
+    train: Sequence[Example],
+    hold: Sequence[Example],
+    memory_entries: Sequence[MemoryEntry],
+) -> dict[str, float]:
+    """The report the offline gate reads; empty without held-out examples."""
+    if not hold:
+        return {}
+    memory = InProcessMemory(encoder.dim)
+    memory.add(list(memory_entries))
+    predictor = Predictor(encoder, memory, comp)
+    texts, truth = [e.text for e in hold], [e.label for e in hold]
+    if parent is not None:
+        predictor.activate(parent)
+    old_correct, old_conf = _outcome(predictor.predict(texts, [domain] * len(texts)), truth)
+    predictor.activate(candidate)
+    new_correct, new_conf = _outcome(predictor.predict(texts, [domain] * len(texts)), truth)
+    nfr, pfr = flip_rates(old_correct, new_correct)
+    report = {
+        "holdout_accuracy": float(new_correct.mean()),
+        "current_accuracy": float(old_correct.mean()),
+        "holdout_size": float(len(hold)),
+        "nfr": nfr,
+        "pfr": pfr,
+        "ece": expected_calibration_error(new_conf, new_correct),
+        "current_ece": expected_calibration_error(old_conf, old_correct),
+    }
+    if parent is not None and train:
+        gallery_ex = list(train)[-COMPAT_GALLERY:]
+        gallery = _adapted(predictor, parent, [e.text for e in gallery_ex])
+        labels = [e.label for e in gallery_ex]
+        report["compat_old_old"] = _top1(_adapted(predictor, parent, texts), gallery, labels, truth)
+        report["compat_new_old"] = _top1(_adapted(predictor, candidate, texts), gallery, labels, truth)
+    predictor.deactivate(domain)
+    return report

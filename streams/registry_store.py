@@ -1,0 +1,464 @@
+"""The registry's shared state in Redis: version records, the active pointers, in-flight rollouts, the
+append-only audit log, replica heartbeats and the online observations canaries are judged on.
+
+Every state change is one Redis transaction (``WATCH`` on what it read) that also appends its audit
+record, so the log and the state never disagree, whoever made the change: the rollout controller, the
+CLI or the admin HTTP API all call these same methods. The audit stream is never trimmed; the rollout
+controller forwards it to the Kafka rollout topic.
+
+Keys (``ns`` = the Redis namespace):
+
+- ``ns:registry:active``   hash domain -> promoted version (what replicas serve by default)
+- ``ns:registry:versions`` hash "domain/version" -> :class:`VersionRecord` JSON
+- ``ns:registry:rollout``  hash domain -> :class:`RolloutState` JSON (shadow or canary in flight)
+- ``ns:registry:audit``    stream of :class:`~streams.schemas.RolloutEvent` JSON
+- ``ns:registry:replicas`` hash replica id -> heartbeat JSON (what it serves, when it last synced)
+- ``ns:rollout:obs``       capped stream of online observations (canary and shadow answers)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import redis
+from pydantic import BaseModel, ConfigDict, Field
+
+from streams.errors import StoreUnavailable
+from streams.redis_store import RedisConfig, _guard
+from streams.schemas import RolloutEvent
+
+State = Literal[
+    "candidate",
+    "rejected",
+    "shadow",
+    "canary",
+    "promoted",
+    "retired",
+    "rolled_back",
+    "superseded",
+    "withdrawn",
+]
+Stage = Literal["shadow", "canary"]
+LIVE_STATES = frozenset({"shadow", "canary"})
+OBS_MAXLEN = 200_000
+
+
+class RegistryConflict(Exception):
+    """The requested transition does not apply to the current state (e.g. promote with no rollout)."""
+
+
+class VersionRecord(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    domain: str
+    version: str
+    state: State
+    parent: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    unlearning: bool = False
+    reason: str = ""
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+
+
+class RolloutState(BaseModel):
+    """A candidate in flight for one domain. ``weight``: the canary's share of the domain's traffic."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    domain: str
+    version: str
+    stage: Stage
+    weight: float = 0.0
+    shadow_share: float = 0.0
+    paused: bool = False
+    passes: int = 0
+    failures: int = 0
+    started_at: float = Field(default_factory=time.time)
+    stage_started_at: float = Field(default_factory=time.time)
+    last_analysis_at: float = Field(default_factory=time.time)
+
+
+class RegistryStore:
+    def __init__(self, client: redis.Redis, cfg: RedisConfig) -> None:
+        self._r = client
+        ns = cfg.namespace
+        self.active_key = f"{ns}:registry:active"
+        self.versions_key = f"{ns}:registry:versions"
+        self.rollout_key = f"{ns}:registry:rollout"
+        self.audit_key = f"{ns}:registry:audit"
+        self.replicas_key = f"{ns}:registry:replicas"
+        self.obs_key = f"{ns}:rollout:obs"
+
+    # -- reads ------------------------------------------------------------------------------------------
+    @_guard("registry read failed")
+    def active(self) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self._r.hgetall(self.active_key).items()}
+
+    @_guard("registry read failed")
+    def rollouts(self) -> dict[str, RolloutState]:
+        raw = self._r.hgetall(self.rollout_key)
+        return {k.decode(): RolloutState.model_validate_json(v) for k, v in raw.items()}
+
+    @_guard("registry read failed")
+    def serving_view(self) -> tuple[dict[str, str], dict[str, RolloutState]]:
+        """Active pointers and rollouts read in one round trip (what a replica syncs to)."""
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hgetall(self.active_key)
+        pipe.hgetall(self.rollout_key)
+        active, rollout = pipe.execute()
+        return (
+            {k.decode(): v.decode() for k, v in active.items()},
+            {k.decode(): RolloutState.model_validate_json(v) for k, v in rollout.items()},
+        )
+
+    @_guard("registry read failed")
+    def get(self, domain: str, version: str) -> VersionRecord | None:
+        raw = self._r.hget(self.versions_key, f"{domain}/{version}")
+        return None if raw is None else VersionRecord.model_validate_json(raw)
+
+    @_guard("registry read failed")
+    def versions(self, domain: str | None = None) -> list[VersionRecord]:
+        records = [VersionRecord.model_validate_json(v) for v in self._r.hvals(self.versions_key)]
+        if domain is not None:
+            records = [r for r in records if r.domain == domain]
+        return sorted(records, key=lambda r: (r.domain, r.created_at))
+
+    def lineage(self, domain: str, version: str) -> list[VersionRecord]:
+        """The version and its ancestors, newest first (stops at the first unknown parent)."""
+        chain, seen = [], set()
+        current: str | None = version
+        while current is not None and current not in seen:
+            seen.add(current)
+            record = self.get(domain, current)
+            if record is None:
+                break
+            chain.append(record)
+            current = record.parent
+        return chain
+
+    @_guard("registry read failed")
+    def audit(self, domain: str | None = None, limit: int = 100) -> list[RolloutEvent]:
+        """The newest ``limit`` decisions (of one domain, if given), oldest first."""
+        out: list[RolloutEvent] = []
+        last = "+"
+        while len(out) < limit:
+            batch = self._r.xrevrange(self.audit_key, max=last, min="-", count=500)
+            if not batch:
+                break
+            for _entry_id, fields in batch:
+                event = RolloutEvent.model_validate_json(fields[b"event"])
+                if domain is None or event.domain == domain:
+                    out.append(event)
+                    if len(out) >= limit:
+                        break
+            last = "(" + batch[-1][0].decode()
+        return out[::-1]
+
+    @_guard("registry read failed")
+    def audit_since(self, cursor: str, count: int = 500) -> list[tuple[str, RolloutEvent]]:
+        batch = self._r.xrange(self.audit_key, min=f"({cursor}" if cursor != "0" else "-", count=count)
+        return [(i.decode(), RolloutEvent.model_validate_json(f[b"event"])) for i, f in batch]
+
+    # -- transitions (each one transaction + its audit record) ------------------------------------------
+    def _transact(self, domain: str, change: Callable[[_Tx], RolloutEvent | None]) -> Any:
+        """Run ``change`` under WATCH and apply its writes, plus its audit record if it returns one.
+
+        Returns the audit event, or ``tx.result`` for changes that audit nothing.
+        """
+        for _ in range(50):
+            try:
+                with self._r.pipeline(transaction=True) as pipe:
+                    pipe.watch(self.rollout_key, self.active_key, self.versions_key)
+                    tx = _Tx(self, pipe, domain)
+                    event = change(tx)
+                    pipe.multi()
+                    for op in tx.ops:
+                        op(pipe)
+                    if event is not None:
+                        pipe.xadd(self.audit_key, {"event": event.model_dump_json()})
+                    pipe.execute()
+                    return event if event is not None else tx.result
+            except redis.WatchError:
+                continue
+            except redis.RedisError as exc:
+                raise StoreUnavailable(f"registry write failed: {exc}") from exc
+        raise StoreUnavailable("registry write kept conflicting")
+
+    def submit_candidate(
+        self,
+        domain: str,
+        version: str,
+        *,
+        parent: str | None,
+        metrics: dict[str, float],
+        actor: str = "learner",
+        reason: str = "",
+        unlearning: bool = False,
+    ) -> RolloutEvent:
+        def change(tx: _Tx) -> RolloutEvent:
+            if tx.record(version) is not None:
+                raise RegistryConflict(f"{domain}/{version} is already registered")
+            tx.put(
+                VersionRecord(
+                    domain=domain,
+                    version=version,
+                    state="candidate",
+                    parent=parent,
+                    metrics=metrics,
+                    unlearning=unlearning,
+                    reason=reason,
+                )
+            )
+            return tx.event("candidate", version, actor, reason, metrics, parent)
+
+        return self._transact(domain, change)
+
+    def reject(
+        self, domain: str, version: str, *, actor: str, reason: str, metrics: dict[str, float]
+    ) -> RolloutEvent:
+        def change(tx: _Tx) -> RolloutEvent:
+            tx.set_state(version, "rejected", reason, metrics)
+            return tx.event("rejected", version, actor, reason, metrics)
+
+        return self._transact(domain, change)
+
+    def supersede(self, domain: str, version: str, *, by: str, actor: str) -> RolloutEvent:
+        def change(tx: _Tx) -> RolloutEvent:
+            reason = f"superseded by {by} before its rollout started"
+            tx.set_state(version, "superseded", reason)
+            return tx.event("superseded", version, actor, reason, {})
+
+        return self._transact(domain, change)
+
+    def start(
+        self,
+        domain: str,
+        version: str,
+        stage: Stage,
+        *,
+        weight: float = 0.0,
+        shadow_share: float = 0.0,
+        actor: str,
+        reason: str,
+        metrics: dict[str, float] | None = None,
+    ) -> RolloutEvent:
+        """Begin (or move to) the shadow or canary stage for a candidate of ``domain``."""
+
+        def change(tx: _Tx) -> RolloutEvent:
+            current = tx.rollout()
+            if current is not None and current.version != version:
+                raise RegistryConflict(f"{domain} already rolls out {current.version}")
+            record = tx.record(version)
+            if record is None or record.state not in {"candidate", "shadow"}:
+                raise RegistryConflict(f"{domain}/{version} is not a candidate ({record and record.state})")
+            now = time.time()
+            state = RolloutState(
+                domain=domain,
+                version=version,
+                stage=stage,
+                weight=weight if stage == "canary" else 0.0,
+                shadow_share=shadow_share,
+                started_at=current.started_at if current else now,
+                stage_started_at=now,
+                last_analysis_at=now,
+            )
+            tx.put_rollout(state)
+            tx.set_state(version, stage, reason)
+            return tx.event(stage, version, actor, reason, {**(metrics or {}), "weight": state.weight})
+
+        return self._transact(domain, change)
+
+    def record_analysis(self, domain: str, version: str, *, passed: bool | None) -> RolloutState:
+        """Count one analysis interval's result (None: inconclusive); the caller reports the details."""
+
+        def change(tx: _Tx) -> None:
+            current = tx.rollout()
+            if current is None or current.version != version:
+                raise RegistryConflict(f"{domain}/{version} is not rolling out")
+            update: dict[str, Any] = {"last_analysis_at": time.time()}
+            if passed is True:
+                update["passes"] = current.passes + 1
+            elif passed is False:
+                update["failures"] = current.failures + 1
+            tx.result = current.model_copy(update=update)
+            tx.put_rollout(tx.result)
+
+        return self._transact(domain, change)
+
+    def promote(
+        self, domain: str, version: str, *, actor: str, reason: str, metrics: dict[str, float] | None = None
+    ) -> RolloutEvent:
+        """Make ``version`` what the domain serves: from a rollout, or directly (unlearning, operators)."""
+
+        def change(tx: _Tx) -> RolloutEvent:
+            record = tx.record(version)
+            if record is None:
+                raise RegistryConflict(f"{domain}/{version} is not registered")
+            if record.state not in {"candidate", "shadow", "canary"}:
+                raise RegistryConflict(f"{domain}/{version} is {record.state}; only candidates are promoted")
+            previous = tx.active()
+            if previous is not None and previous != version and tx.record(previous) is not None:
+                tx.set_state(previous, "retired", f"replaced by {version}")
+            current = tx.rollout()
+            if current is not None:
+                if current.version != version:
+                    tx.set_state(current.version, "superseded", f"{version} promoted over it")
+                tx.ops.append(lambda p: p.hdel(self.rollout_key, domain))
+            tx.ops.append(lambda p: p.hset(self.active_key, domain, version))
+            tx.set_state(version, "promoted", reason, metrics)
+            return tx.event("promoted", version, actor, reason, metrics or {}, previous)
+
+        return self._transact(domain, change)
+
+    def rollback(
+        self, domain: str, *, actor: str, reason: str, metrics: dict[str, float] | None = None
+    ) -> RolloutEvent:
+        """End the in-flight rollout: all of the domain's traffic goes back to the promoted version."""
+
+        def change(tx: _Tx) -> RolloutEvent:
+            current = tx.rollout()
+            if current is None:
+                raise RegistryConflict(f"{domain} has no rollout in flight")
+            tx.ops.append(lambda p: p.hdel(self.rollout_key, domain))
+            tx.set_state(current.version, "rolled_back", reason, metrics)
+            return tx.event("rolled_back", current.version, actor, reason, metrics or {}, tx.active())
+
+        return self._transact(domain, change)
+
+    def set_paused(self, domain: str, paused: bool, *, actor: str, reason: str) -> RolloutEvent:
+        """A paused rollout keeps its traffic split but neither advances nor rolls back on its own."""
+
+        def change(tx: _Tx) -> RolloutEvent:
+            current = tx.rollout()
+            if current is None:
+                raise RegistryConflict(f"{domain} has no rollout in flight")
+            tx.put_rollout(current.model_copy(update={"paused": paused, "last_analysis_at": time.time()}))
+            return tx.event("paused" if paused else "resumed", current.version, actor, reason, {})
+
+        return self._transact(domain, change)
+
+    def withdraw(self, domain: str, *, actor: str, reason: str) -> RolloutEvent:
+        """Stop serving the domain's adapter at all (e.g. it saw forgotten data and too little is left)."""
+
+        def change(tx: _Tx) -> RolloutEvent:
+            previous = tx.active()
+            if previous is None:
+                raise RegistryConflict(f"{domain} serves no adapter")
+            tx.ops.append(lambda p: p.hdel(self.active_key, domain))
+            if tx.record(previous) is not None:
+                tx.set_state(previous, "withdrawn", reason)
+            return tx.event("withdrawn", previous, actor, reason, {})
+
+        return self._transact(domain, change)
+
+    # -- replicas and online observations ---------------------------------------------------------------
+    @_guard("heartbeat failed")
+    def heartbeat(self, replica: str, active: dict[str, str], rollout: dict[str, str]) -> None:
+        payload = json.dumps({"ts": time.time(), "active": active, "rollout": rollout})
+        self._r.hset(self.replicas_key, replica, payload)
+
+    @_guard("registry read failed")
+    def replicas(self, max_age_s: float = 30.0) -> dict[str, dict[str, Any]]:
+        now = time.time()
+        out = {}
+        for k, v in self._r.hgetall(self.replicas_key).items():
+            beat = json.loads(v)
+            if now - beat["ts"] <= max_age_s:
+                out[k.decode()] = beat
+        return out
+
+    @_guard("heartbeat failed")
+    def forget_replica(self, replica: str) -> None:
+        self._r.hdel(self.replicas_key, replica)
+
+    @_guard("observation write failed")
+    def observe(self, observations: list[dict[str, Any]]) -> None:
+        if not observations:
+            return
+        pipe = self._r.pipeline(transaction=False)
+        for obs in observations:
+            pipe.xadd(self.obs_key, {"o": json.dumps(obs)}, maxlen=OBS_MAXLEN, approximate=True)
+        pipe.execute()
+
+    @_guard("observation read failed")
+    def observations_since(self, cursor: str, count: int = 5000) -> tuple[str, list[dict[str, Any]]]:
+        batch = self._r.xrange(self.obs_key, min=f"({cursor}" if cursor != "0" else "-", count=count)
+        if not batch:
+            return cursor, []
+        return batch[-1][0].decode(), [json.loads(f[b"o"]) for _, f in batch]
+
+    @_guard("observation read failed")
+    def observations_tail(self) -> str:
+        """The id of the newest observation (start reading after it), "0" when there is none."""
+        last = self._r.xrevrange(self.obs_key, count=1)
+        return last[0][0].decode() if last else "0"
+
+
+class _Tx:
+    """Reads (under WATCH) and queued writes of one registry transaction."""
+
+    def __init__(self, store: RegistryStore, pipe: Any, domain: str) -> None:
+        self.store, self.pipe, self.domain = store, pipe, domain
+        self.ops: list[Callable[[Any], Any]] = []
+        self.result: Any = None
+        self._records: dict[str, VersionRecord] = {}
+
+    def record(self, version: str) -> VersionRecord | None:
+        if version not in self._records:
+            raw = self.pipe.hget(self.store.versions_key, f"{self.domain}/{version}")
+            if raw is None:
+                return None
+            self._records[version] = VersionRecord.model_validate_json(raw)
+        return self._records[version]
+
+    def active(self) -> str | None:
+        raw = self.pipe.hget(self.store.active_key, self.domain)
+        return None if raw is None else raw.decode()
+
+    def rollout(self) -> RolloutState | None:
+        raw = self.pipe.hget(self.store.rollout_key, self.domain)
+        return None if raw is None else RolloutState.model_validate_json(raw)
+
+    def put(self, record: VersionRecord) -> None:
+        self._records[record.version] = record
+        key, payload = f"{record.domain}/{record.version}", record.model_dump_json()
+        self.ops.append(lambda p: p.hset(self.store.versions_key, key, payload))
+
+    def put_rollout(self, state: RolloutState) -> None:
+        payload = state.model_dump_json()
+        self.ops.append(lambda p: p.hset(self.store.rollout_key, state.domain, payload))
+
+    def set_state(
+        self, version: str, state: State, reason: str, metrics: dict[str, float] | None = None
+    ) -> None:
+        record = self.record(version)
+        if record is None:
+            raise RegistryConflict(f"{self.domain}/{version} is not registered")
+        update: dict[str, Any] = {"state": state, "reason": reason, "updated_at": time.time()}
+        if metrics:
+            update["metrics"] = {**record.metrics, **metrics}
+        self.put(record.model_copy(update=update))
+
+    def event(
+        self,
+        kind: str,
+        version: str,
+        actor: str,
+        reason: str,
+        metrics: dict[str, float],
+        parent: str | None = None,
+    ) -> RolloutEvent:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        return RolloutEvent(
+            type=kind,
+            domain=self.domain,
+            version=version,
+            parent=parent,
+            actor=actor,
+            reason=reason,
+            metrics=clean,
+        )
