@@ -144,8 +144,8 @@ class Predictor:
         name = adapter_name(artifact)
         with self._swap_lock:
             old = self._active.get(m.domain)
-            if old is not None and old.name == name:
-                return
+            if old is not None and old.name == name and old.artifact.manifest.version == m.version:
+                return  # a new version with the same LoRA weights (e.g. only its head changed) still swaps
             if name not in self._loaded:
                 self.encoder.add_adapter(name, artifact.adapter_dir)  # outside the request path
             with self.encoder.lock:

@@ -100,8 +100,15 @@ def test_learner_adapter_hot_swapped_while_requests_succeed(client, producer, st
         assert ("promoted", version) in trail
     manifest_dir = stack.settings.artifacts_dir / domain / second
     assert (manifest_dir / "manifest.json").is_file()
-    final = _predict(client, TICKETS[1][0], domain)
-    assert final["adapter"] == second
+    # Replicas follow the registry on their next sync round (0.1 s here).
+    answers: list[dict] = []
+
+    def serving_second():
+        answers.append(_predict(client, TICKETS[1][0], domain))
+        return answers[-1]["adapter"] == second
+
+    wait_for(serving_second, 5, what=f"the promotion of {second} (answers: {answers[-3:]})")
+    final = answers[-1]
     assert final["model_version"].endswith(f"{domain}@{second}")
 
 

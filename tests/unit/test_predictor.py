@@ -215,3 +215,16 @@ def test_shadow_marks_mirrored_requests_and_answers_off_path(tmp_path, predictor
     assert answers is not None and {a.adapter for a in answers} == {"v1"}
     predictor.clear_rollout("d")
     assert predictor.shadow("d", ["good thing"], keys[:1]) is None
+
+
+def test_a_new_version_with_identical_lora_weights_still_swaps(tmp_path, predictor, tiny_encoder):
+    """Two versions may share LoRA weights (only the head changed): the new one must still be served."""
+    v1 = _artifact(tmp_path, tiny_encoder, "v1")
+    v2 = _artifact(tmp_path, tiny_encoder, "v2")
+    assert adapter_name(v1) == adapter_name(v2)  # same seed, same data: same LoRA file
+    predictor.activate(v1)
+    predictor.set_rollout(v2, "canary", weight=0.5)
+    predictor.activate(v2)  # promoted
+    predictor.clear_rollout("d")
+    (p,) = predictor.predict(["good thing"], ["d"], ["r"])
+    assert p.adapter == "v2" and predictor.loaded_adapters() == [adapter_name(v2)]
