@@ -293,7 +293,8 @@ class Predictor:
         for i, d in enumerate(domains):
             by_domain.setdefault(d, []).append(i)
         for domain, idx in by_domain.items():
-            preds = self._group(domain, [texts[i] for i in idx], keys[idx], self._active.get(domain))
+            preds = self._group(domain, [texts[i] for i in idx], keys[idx])
+            assert preds is not None
             rollout = self._rollouts.get(domain)
             if rollout is not None and rollout.stage == "canary":
                 preds = self._canary(
@@ -309,11 +310,21 @@ class Predictor:
         return [r for r in results if r is not None]
 
     def _group(
-        self, domain: str, texts: list[str], keys: np.ndarray, active: ActiveAdapter | None
-    ) -> list[Prediction]:
+        self, domain: str, texts: list[str], keys: np.ndarray, rollout: bool = False
+    ) -> list[Prediction] | None:
+        """Score one domain's rows with its promoted adapter, or (``rollout``) its candidate; None when
+        the candidate is gone. The adapter is resolved under the encoder lock, so a swap that unloads it
+        cannot slip in between."""
         head_probs = None
-        if active is not None:
-            with self.encoder.lock:
+        with self.encoder.lock:
+            if rollout:
+                current = self._rollouts.get(domain)
+                if current is None:
+                    return None
+                active: ActiveAdapter | None = current.adapter
+            else:
+                active = self._active.get(domain)
+            if active is not None:
                 t1 = time.perf_counter()
                 self._use(active)
                 adapted = self.encoder.encode(texts, adapter=active.name)
@@ -337,12 +348,14 @@ class Predictor:
             return stable
         out = list(stable)
         try:
-            cand = self._group(domain, [texts[j] for j in rows], keys[rows], rollout.adapter)
+            cand = self._group(domain, [texts[j] for j in rows], keys[rows], rollout=True)
         except Exception as exc:  # the candidate's failure is data for the analysis
             log.warning("canary %s failed: %s", rollout.adapter.name, exc)
             for j in rows:
                 out[j] = replace(stable[j], canary_error=type(exc).__name__)
             return out
+        if cand is None:  # the rollout ended while this batch ran
+            return stable
         for j, p in zip(rows, cand, strict=True):
             out[j] = replace(p, variant="canary", stable_label=stable[j].label)
         return out
@@ -352,7 +365,7 @@ class Predictor:
         rollout = self._rollouts.get(domain)
         if rollout is None or rollout.stage != "shadow":
             return None
-        return self._group(domain, texts, keys, rollout.adapter)
+        return self._group(domain, texts, keys, rollout=True)
 
     def _finish_group(
         self, domain: str, keys: np.ndarray, active: ActiveAdapter | None, head_probs: np.ndarray | None
