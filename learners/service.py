@@ -74,6 +74,7 @@ class Learner:
         self.memory_log = MemoryLog(client, redis_cfg, encoder.fingerprint)
         self.buffers = ReplayBuffers(buffer_dir)
         self.reports: list[RunReport] = []
+        self._attempted: set[str] = set()  # domains trained since this process started
         self.unlearn: set[str] = set()  # domains whose adapter saw forgotten data: retrain from scratch
 
     # -- triggers ---------------------------------------------------------------------------------------
@@ -97,7 +98,11 @@ class Learner:
             return True
         if not self._enough(examples):
             return False
-        return not has_adapter or self.buffers.new_since_train(domain) >= self.policy.retrain_every
+        if self.buffers.new_since_train(domain) >= self.policy.retrain_every:
+            return True
+        # A first candidate once per process; after that, new data decides (the rollout controller may
+        # take minutes to promote it, and retraining on the same examples meanwhile helps nobody).
+        return not has_adapter and domain not in self._attempted
 
     # -- one training run -------------------------------------------------------------------------------
     def current(self, domain: str) -> Artifact | None:
@@ -166,6 +171,7 @@ class Learner:
             unlearning=unlearning,
         )
         self.buffers.mark_trained(domain)
+        self._attempted.add(domain)
         self.unlearn.discard(domain)
         metrics.LEARNER_RUNS.labels("submitted").inc()
         metrics.LEARNER_SECONDS.observe(time.monotonic() - started)
@@ -229,5 +235,6 @@ class Learner:
                         metrics.LEARNER_RUNS.labels("failed").inc()
                         log.exception("training %s failed", domain)
                         self.buffers.mark_trained(domain)  # wait for more data before trying again
+                        self._attempted.add(domain)
         finally:
             consumer.close(autocommit=False)
