@@ -369,9 +369,7 @@ def test_bad_candidates_are_blocked_and_good_ones_promoted(stack, registry, cand
     trail = [e.type for e in registry.audit("gate-good") if e.version == good]
     assert trail[:4] == ["candidate", "shadow", "analysis", "canary"] and trail[-1] == "promoted"
     events = wait_for(
-        lambda: [
-            e for e in _rollout_events(stack, set(versions), 2) if e["type"] in ("promoted", "rejected")
-        ],
+        lambda: [e for e in _rollout_events(stack, set(versions)) if e["type"] in ("promoted", "rejected")],
         20,
         what="decisions on the Kafka rollout topic",
     )
