@@ -82,6 +82,125 @@ def _cmd_learner(_args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_rollout_controller(_args: argparse.Namespace, settings: Settings) -> int:
+    from ops.stack import mark_ready
+    from ops.wiring import rollout_controller, stop_on_signals
+
+    stop = stop_on_signals()
+    rollout_controller(settings).run(stop, on_ready=lambda: mark_ready(settings, "rollout-controller"))
+    return 0
+
+
+def _registry_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["ls", "show"], help="ls: versions and states; show: one version")
+    parser.add_argument("domain", nargs="?", default=None)
+    parser.add_argument("version", nargs="?", default=None)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _rollout_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["status", "promote", "rollback", "pause", "resume"])
+    parser.add_argument("domain", nargs="?", default=None)
+    parser.add_argument("--version", default=None, help="promote: this version instead of the candidate")
+    parser.add_argument("--reason", default="", help="recorded in the audit log")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _print(data, as_json: bool, render) -> None:
+    import json
+
+    print(json.dumps(data, indent=2, default=str) if as_json else render(data))
+
+
+def _render_listing(data: dict) -> str:
+    lines = [f"{'DOMAIN':<20} {'VERSION':<28} {'STATE':<12} {'PARENT':<28} ACC/CUR/NFR"]
+    for r in data["versions"]:
+        m = r["metrics"]
+        scores = "/".join(
+            f"{m[k]:.3f}" if k in m else "-" for k in ("holdout_accuracy", "current_accuracy", "nfr")
+        )
+        mark = "*" if data["active"].get(r["domain"]) == r["version"] else " "
+        lines.append(
+            f"{r['domain']:<20} {mark}{r['version']:<27} {r['state']:<12} {r['parent'] or '-':<28} {scores}"
+        )
+    for domain, ro in data["rollouts"].items():
+        lines.append(
+            f"rollout {domain}: {ro['version']} {ro['stage']} weight={ro['weight']} "
+            f"passes={ro['passes']} failures={ro['failures']}{' PAUSED' if ro['paused'] else ''}"
+        )
+    return "\n".join(lines)
+
+
+def _render_status(data: dict) -> str:
+    lines = [f"active: {data['active'] or '-'}"]
+    for domain, ro in data["rollouts"].items():
+        lines.append(
+            f"{domain}: {ro['version']} in {ro['stage']} weight={ro['weight']} passes={ro['passes']} "
+            f"failures={ro['failures']}{' PAUSED' if ro['paused'] else ''}"
+        )
+    lines.append(f"replicas: {len(data['replicas'])} live")
+    for e in data["recent"]:
+        when = time.strftime("%H:%M:%S", time.localtime(e["ts"]))
+        lines.append(f"  {when} {e['type']:<12} {e['domain']}/{e['version']} by {e['actor']}: {e['reason']}")
+    return "\n".join(lines)
+
+
+def _operator() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no user name in some containers
+        return "cli"
+
+
+def _cmd_registry(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from ops.wiring import registry_admin
+    from serving.errors import ServingError
+
+    admin = registry_admin(settings)
+    try:
+        if args.action == "ls":
+            _print(admin.listing(args.domain), args.json, _render_listing)
+        else:
+            if not (args.domain and args.version):
+                print("driftserve: registry show needs DOMAIN VERSION", file=sys.stderr)
+                return 2
+            print(json.dumps(admin.show(args.domain, args.version), indent=2, default=str))
+    except ServingError as exc:
+        print(f"driftserve: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_rollout(args: argparse.Namespace, settings: Settings) -> int:
+    from ops.wiring import registry_admin
+    from serving.errors import ServingError
+
+    admin = registry_admin(settings)
+    if args.action == "status":
+        _print(admin.status(args.domain), args.json, _render_status)
+        return 0
+    if not args.domain:
+        print(f"driftserve: rollout {args.action} needs a DOMAIN", file=sys.stderr)
+        return 2
+    reason = args.reason or f"operator {args.action}"
+    try:
+        if args.action == "promote":
+            event = admin.promote(args.domain, args.version, actor=_operator(), reason=reason)
+        elif args.action == "rollback":
+            event = admin.rollback(args.domain, actor=_operator(), reason=reason)
+        else:
+            event = admin.pause(args.domain, args.action == "pause", actor=_operator(), reason=reason)
+    except ServingError as exc:
+        print(f"driftserve: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"{event['type']} {event['domain']}/{event['version']}: {event['reason']}")
+    return 0
+
+
 def _memory_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "action", choices=["rebuild"], help="rebuild: reconstruct the error memory from the log"
@@ -197,11 +316,23 @@ COMMANDS = {
     "demo": (_cmd_up, "start the embedded stack, show a correction and an adapter hot-swap, then stop"),
     "memory-writer": (_cmd_memory_writer, "consume feedback into the Redis error memory"),
     "learner": (_cmd_learner, "consume feedback, train and publish adapters"),
+    "rollout-controller": (
+        _cmd_rollout_controller,
+        "gate candidates, run shadow and canary, promote or roll back",
+    ),
+    "registry": (_cmd_registry, "list model versions and their states, or show one with lineage and audit"),
+    "rollout": (_cmd_rollout, "rollout status, or promote / rollback / pause / resume a domain's rollout"),
     "memory": (_cmd_memory, "error-memory administration: rebuild from the Kafka log"),
     "bench": (_cmd_bench, "benchmarks: feedback-to-fix, serving vs naive Serve, memory lookup, runtimes"),
     "replay": (_cmd_replay, "replay a labelled stream against driftserve and report prequential quality"),
 }
-EXTRA_ARGUMENTS = {"memory": _memory_arguments, "replay": _replay_arguments, "bench": _bench_arguments}
+EXTRA_ARGUMENTS = {
+    "registry": _registry_arguments,
+    "rollout": _rollout_arguments,
+    "memory": _memory_arguments,
+    "replay": _replay_arguments,
+    "bench": _bench_arguments,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,7 +351,15 @@ def main(argv: list[str] | None = None) -> int:
     forced = {}
     if args.command == "demo":
         # The demo ships 45 labelled examples; train the first adapter after 24 of them.
-        forced = {"learner_min_examples": args.setting_learner_min_examples or 24}
+        forced = {
+            "learner_min_examples": args.setting_learner_min_examples or 24,
+            # A short rollout, so the demo shows every stage within a minute; production uses the defaults.
+            "shadow_seconds": args.setting_shadow_seconds or 3,
+            "canary_weight": args.setting_canary_weight or 0.5,
+            "canary_interval_s": args.setting_canary_interval_s or 3,
+            "canary_passes": args.setting_canary_passes or 2,
+            "canary_min_requests": args.setting_canary_min_requests or 2,
+        }
     try:
         settings = _settings(args, **forced)
     except ValidationError as exc:

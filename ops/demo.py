@@ -3,8 +3,9 @@
 1. Labelled support tickets arrive as feedback; the domain becomes predictable at once.
 2. A ticket of a kind never seen before is mispredicted; its label (a new class) is fed back, and the
    next prediction for a near-identical text is corrected by the error memory - timed.
-3. The learner trains a LoRA adapter + head, publishes it, and the replicas hot-swap to it while
-   requests keep being answered.
+3. The learner trains a LoRA adapter + head and registers it as a candidate; the rollout controller
+   gates it, mirrors traffic to it (shadow), serves a share of traffic with it (canary) and promotes it,
+   and the replicas hot-swap to it while requests keep being answered. The audit trail is printed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 import httpx
 
 from ops.stack import EmbeddedStack
+from streams.redis_store import connect
+from streams.registry_store import RegistryStore
 
 DOMAIN = "support"
 PROBE = "I'd like to request a refund because I was double charged"
@@ -67,27 +70,37 @@ def run_demo(stack: EmbeddedStack, adapter_timeout_s: float = 300.0) -> int:
         )
         for e in events[24:]:
             _feedback(client, e)
-        print("[4] waiting for the learner to train and publish a LoRA adapter (CPU: about a minute) ...")
+        print(
+            "[4] waiting for the learner to train a LoRA adapter (CPU: about a minute) and the rollout "
+            "controller to gate, shadow, canary and promote it ..."
+        )
+        registry = RegistryStore(connect(stack.settings.redis()), stack.settings.redis())
         t0 = time.monotonic()
         served = None
+        promoted = None
         answered = failed = 0
         while time.monotonic() - t0 < adapter_timeout_s:
             try:
-                served = _predict(client, events[0]["text"])
+                served = _predict(client, events[answered % len(events)]["text"])
                 answered += 1
             except httpx.HTTPError:
                 failed += 1
-            if served and served["adapter"]:
+            promoted = registry.active().get(DOMAIN)
+            if promoted and served and served["adapter"] == promoted:
                 break
-            time.sleep(0.5)
-        if served and served["adapter"]:
+            time.sleep(0.25)
+        if promoted and served and served["adapter"] == promoted:
             print(
-                f"[5] adapter {served['adapter']} hot-swapped in after {time.monotonic() - t0:.0f}s; "
+                f"[5] adapter {promoted} promoted and hot-swapped in after {time.monotonic() - t0:.0f}s; "
                 f"model_version={served['model_version']}; {answered} requests answered, {failed} failed "
-                "meanwhile"
+                "meanwhile. Its audit trail:"
             )
+            for e in registry.audit(DOMAIN):
+                if e.version == promoted:
+                    print(f"      {e.type:<10} by {e.actor}: {e.reason}")
+            ok = ok and failed == 0
         else:
-            print(f"[5] no adapter within {adapter_timeout_s:.0f}s (see {stack.state}/logs/learner.log)")
+            print(f"[5] no promotion within {adapter_timeout_s:.0f}s (see {stack.state}/logs/)")
             ok = False
         metrics = client.get("/metrics").text
         wanted = ("driftserve_compensations_total", "driftserve_feedback_consumed_total")

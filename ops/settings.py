@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from learners.trainer import TrainConfig
+from ops.rollout_policy import GatePolicy, RolloutPolicy, parse_gate_overrides
 from serving.compensator import CompensationConfig
 from streams.kafka_io import KafkaConfig
 from streams.redis_store import RedisConfig
@@ -101,7 +102,32 @@ class Settings(BaseSettings):
     learner_max_steps: int = Field(300, ge=1)
     learner_batch_size: int = Field(16, ge=1)
     learner_holdout_frac: float = Field(0.2, ge=0, lt=1)
-    learner_gate_epsilon: float = Field(0.02, ge=0, le=1, description="max accuracy drop vs current")
+
+    # Rollout: offline gate, shadow, canary (ops/rollout.py)
+    rollout_enabled: bool = Field(True, description="run the rollout controller (embedded stack)")
+    gate_epsilon: float = Field(0.02, ge=0, le=1, description="max holdout accuracy drop vs current")
+    gate_max_nfr: float = Field(0.05, ge=0, le=1, description="max negative flip rate on the holdout")
+    gate_max_ece_increase: float = Field(0.1, ge=0, le=1, description="max calibration error increase")
+    gate_compat_epsilon: float = Field(
+        0.02, ge=0, le=1, description="new-vs-old retrieval accuracy may trail old-vs-old by this much"
+    )
+    gate_min_holdout: int = Field(4, ge=1, description="fewer held-out examples: the candidate is rejected")
+    gate_policy_overrides: str = Field(
+        "", description='per-domain gate overrides as JSON, e.g. {"tenant-a": {"max_nfr": 0.01}}'
+    )
+    shadow_share: float = Field(1.0, ge=0, le=1, description="share of a domain's traffic mirrored in shadow")
+    shadow_seconds: float = Field(30.0, ge=0, description="shadow stage length (0 skips shadow)")
+    canary_weight: float = Field(0.2, gt=0, le=1, description="share of a domain's traffic the canary serves")
+    canary_interval_s: float = Field(30.0, gt=0, description="analysis interval")
+    canary_passes: int = Field(3, ge=1, description="passing intervals before promotion")
+    canary_failure_threshold: int = Field(2, ge=1, description="failing intervals before rollback")
+    canary_min_requests: int = Field(10, ge=1, description="fewer canary answers: interval inconclusive")
+    canary_min_feedback: int = Field(5, ge=1, description="fewer labelled canary answers: skip label checks")
+    canary_max_error_rate: float = Field(0.01, ge=0, le=1)
+    canary_max_p99_ms: float = Field(1000.0, gt=0, description="canary batch latency p99 bound")
+    canary_max_nfr: float = Field(0.05, ge=0, le=1, description="online negative flip rate bound")
+    canary_epsilon: float = Field(0.02, ge=0, le=1, description="canary accuracy may trail stable by this")
+    admin_token: SecretStr | None = Field(None, description="bearer token of /admin; unset disables it")
 
     log_level: str = "INFO"
 
@@ -166,6 +192,36 @@ class Settings(BaseSettings):
         return TrainConfig(
             epochs=self.learner_epochs, max_steps=self.learner_max_steps, batch_size=self.learner_batch_size
         )
+
+    def rollout(self) -> RolloutPolicy:
+        return RolloutPolicy(
+            gate=GatePolicy(
+                epsilon=self.gate_epsilon,
+                max_nfr=self.gate_max_nfr,
+                max_ece_increase=self.gate_max_ece_increase,
+                compat_epsilon=self.gate_compat_epsilon,
+                min_holdout=self.gate_min_holdout,
+            ),
+            gate_overrides=parse_gate_overrides(self.gate_policy_overrides),
+            shadow_share=self.shadow_share,
+            shadow_seconds=self.shadow_seconds,
+            canary_weight=self.canary_weight,
+            interval_s=self.canary_interval_s,
+            passes=self.canary_passes,
+            failure_threshold=self.canary_failure_threshold,
+            min_requests=self.canary_min_requests,
+            min_feedback=self.canary_min_feedback,
+            max_error_rate=self.canary_max_error_rate,
+            max_p99_ms=self.canary_max_p99_ms,
+            max_nfr=self.canary_max_nfr,
+            epsilon=self.canary_epsilon,
+        )
+
+    @field_validator("gate_policy_overrides")
+    @classmethod
+    def _overrides(cls, v: str) -> str:
+        parse_gate_overrides(v)  # raises ValueError with the reason
+        return v
 
     @property
     def artifacts_dir(self) -> Path:

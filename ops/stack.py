@@ -229,12 +229,20 @@ class EmbeddedStack:
             self._spawn("memory-writer", [sys.executable, "-m", "ops.cli", "memory-writer"], child_env)
             if self.with_learner:
                 self._spawn("learner", [sys.executable, "-m", "ops.cli", "learner"], child_env)
+            if s.rollout_enabled:
+                self._spawn(
+                    "rollout-controller", [sys.executable, "-m", "ops.cli", "rollout-controller"], child_env
+                )
             self._start_serve(menv)
-            wanted = ["memory-writer"] + (["learner"] if self.with_learner else [])
+            wanted = (
+                ["memory-writer"]
+                + (["learner"] if self.with_learner else [])
+                + (["rollout-controller"] if s.rollout_enabled else [])
+            )
             wait_for(
                 lambda: self._check_alive() or all((run_dir / f"{n}.ready").exists() for n in wanted),
                 120,
-                "memory writer and learner to join their consumer groups",
+                "memory writer, learner and rollout controller to join their consumer groups",
                 interval=0.2,
             )
             wait_for(self._healthy, 60, f"{self.url}/healthz")

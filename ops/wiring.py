@@ -42,6 +42,7 @@ def serving_config(settings: Settings) -> ServingConfig:
         memory_index=settings.memory_index,
         runtime=settings.runtime,
         onnx_cache_dir=settings.state_dir.resolve() / "onnx",
+        admin_token=settings.admin_token.get_secret_value() if settings.admin_token else None,
         adapter_pinned_domains=tuple(
             d.strip() for d in settings.adapter_pinned_domains.split(",") if d.strip()
         ),
@@ -88,6 +89,40 @@ def learner(settings: Settings) -> Learner:
         ),
         comp=settings.compensation(),
     )
+
+
+def base_identity(settings: Settings) -> tuple[str, int]:
+    """(fingerprint, embedding dim) of the base model, without loading its weights."""
+    from transformers import AutoConfig
+
+    from serving.encoder import default_model_path, model_fingerprint
+
+    path = settings.model_path or default_model_path()
+    return model_fingerprint(path), int(AutoConfig.from_pretrained(path).hidden_size)
+
+
+def rollout_controller(settings: Settings):
+    from ops.rollout import RolloutController
+
+    fingerprint, dim = base_identity(settings)
+    return RolloutController(
+        settings.rollout(),
+        kafka=settings.kafka(),
+        redis_cfg=settings.redis(),
+        artifacts_dir=settings.artifacts_dir,
+        base_fingerprint=fingerprint,
+        dim=dim,
+    )
+
+
+def registry_admin(settings: Settings):
+    from serving.admin import RegistryAdmin
+    from streams.redis_store import connect
+    from streams.registry_store import RegistryStore
+
+    fingerprint, dim = base_identity(settings)
+    store = RegistryStore(connect(settings.redis()), settings.redis())
+    return RegistryAdmin(store, settings.artifacts_dir, fingerprint, dim)
 
 
 def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:

@@ -7,11 +7,15 @@ work inside one replica, and replicas scale out through Serve.
 """
 
 import asyncio
+import hmac
 import json
 import logging
+import queue
+import threading
 import time
 import uuid
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -19,17 +23,21 @@ from kafka.errors import KafkaError
 from ray import serve
 
 from serving import metrics
+from serving.admin import RegistryAdmin
 from serving.config import ServingConfig
 from serving.encoder import Encoder
 from serving.errors import (
     BadRequest,
     FeedbackUnavailable,
+    Forbidden,
     ModelNotFound,
     NotReady,
     PayloadTooLarge,
     ServingError,
+    Unauthorized,
 )
 from serving.http_api import (
+    AdminAction,
     FeedbackAccepted,
     FeedbackRequest,
     ForgetRequest,
@@ -46,6 +54,7 @@ from serving.sync import ReplicaSync
 from streams.errors import StoreUnavailable
 from streams.kafka_io import make_producer
 from streams.redis_store import RequestEmbeddings
+from streams.registry_store import RegistryStore
 from streams.schemas import MAX_LABEL_CHARS, MAX_TEXT_CHARS, FeedbackEvent, ForgetEvent
 
 log = logging.getLogger("driftserve.serving")
@@ -83,7 +92,8 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 @api.middleware("http")
 async def _limits_and_metrics(request: Request, call_next):
     start = time.perf_counter()
-    endpoint = request.url.path if request.url.path in _KNOWN_PATHS else "other"
+    path = request.url.path
+    endpoint = path if path in _KNOWN_PATHS else ("/admin" if path.startswith("/admin/") else "other")
     limit = getattr(request.app.state, "max_body_bytes", 1_000_000)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -141,19 +151,32 @@ class DriftServe:
         )
         self._batched.set_max_batch_size(cfg.batch_max_size)
         self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        try:
+            replica = serve.get_replica_context().replica_id
+            self.replica_id, self.replica_actor = replica.unique_id, replica.to_full_id_str()
+        except Exception:  # outside Serve (never in production): still answer with something stable
+            self.replica_id, self.replica_actor = uuid.uuid4().hex[:8], None
         self.sync = ReplicaSync(
-            self.predictor, cfg.redis, cfg.artifacts_dir, cfg.sync_interval_s, memory_kind=cfg.memory_index
+            self.predictor,
+            cfg.redis,
+            cfg.artifacts_dir,
+            cfg.sync_interval_s,
+            memory_kind=cfg.memory_index,
+            replica_id=self.replica_id,
         )
         self.request_embeddings = RequestEmbeddings(self.sync.client, cfg.redis, encoder.fingerprint)
+        self.registry = RegistryStore(self.sync.client, cfg.redis)
+        self.admin = RegistryAdmin(self.registry, cfg.artifacts_dir, encoder.fingerprint, encoder.dim)
+        self._shadow_queue: queue.Queue = queue.Queue(maxsize=cfg.shadow_queue_size)
+        self._shadow_thread = threading.Thread(
+            target=self._shadow_loop, name="driftserve-shadow", daemon=True
+        )
+        self._shadow_thread.start()
         try:  # catch up before taking traffic, so a fresh replica serves the same memory as the others
             self.sync.step()
         except Exception as exc:  # Redis down at start: serve uncompensated, sync thread keeps trying
             log.warning("initial memory sync failed: %s", exc)
         self.sync.start()
-        try:
-            self.replica_id = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # outside Serve (never in production): still answer with something stable
-            self.replica_id = uuid.uuid4().hex[:8]
         self._producer = None
         self._producer_error: str | None = None
         self._kafka_ok = False
@@ -177,9 +200,11 @@ class DriftServe:
             pass
 
     def check_health(self) -> None:
-        """Serve's replica health check: unhealthy only if the sync thread died."""
+        """Serve's replica health check: unhealthy only if the sync or shadow thread died."""
         if not self.sync._thread.is_alive():
             raise RuntimeError("sync thread stopped")
+        if not self._shadow_thread.is_alive():
+            raise RuntimeError("shadow thread stopped")
 
     def _kafka_connected(self) -> bool:
         producer = self._connect_producer()
@@ -205,7 +230,9 @@ class DriftServe:
             {
                 "status": "ok",
                 "replica": self.replica_id,
+                "actor": self.replica_actor,
                 "model": self.predictor.base_version,
+                "rollouts": self.predictor.rollout_versions(),
                 "memory_entries": len(self.predictor.memory),
                 "adapters": self.predictor.active_versions(),
             }
@@ -219,7 +246,11 @@ class DriftServe:
         return await asyncio.to_thread(self._predict_now, items)
 
     def _predict_now(self, items: list[tuple[str, str | None, str]]) -> list[Prediction]:
-        preds = self.predictor.predict([t for t, _, _ in items], [d for _, d, _ in items])
+        t0 = time.perf_counter()
+        preds = self.predictor.predict(
+            [t for t, _, _ in items], [d for _, d, _ in items], [rid for _, _, rid in items]
+        )
+        latency_ms = (time.perf_counter() - t0) * 1000.0
         try:  # fast path for feedback naming these requests: their memory keys are cached
             self.request_embeddings.put_many(
                 [(rid, p.key) for (_, _, rid), p in zip(items, preds, strict=True)]
@@ -230,7 +261,91 @@ class DriftServe:
             metrics.PREDICTIONS.labels("adapter" if p.adapter else ("prototype" if p.label else "none")).inc()
             if p.compensated:
                 metrics.COMPENSATIONS.inc()
+        self._observe(items, preds, latency_ms)
         return preds
+
+    # -- rollouts: what canaries and shadows answered, for the controller's analysis ------------------------
+    def _observe(
+        self, items: list[tuple[str, str | None, str]], preds: list[Prediction], latency_ms: float
+    ) -> None:
+        rollouts = self.predictor.rollout_versions()
+        if not rollouts:
+            return
+        now, obs, mirror = time.time(), [], {}
+        for (text, _, rid), p in zip(items, preds, strict=True):
+            version = rollouts.get(p.domain)
+            if version is None:
+                continue
+            variant = "canary_error" if p.canary_error else p.variant
+            metrics.ROLLOUT_ANSWERS.labels(variant).inc()
+            obs.append(
+                {
+                    "rid": rid,
+                    "domain": p.domain,
+                    "candidate": version,
+                    "variant": variant,
+                    "served": p.model_version,
+                    "label": p.label,
+                    "stable_label": p.stable_label if p.variant == "canary" else p.label,
+                    "latency_ms": latency_ms,
+                    "error": p.canary_error,
+                    "replica": self.replica_id,
+                    "ts": now,
+                }
+            )
+            if p.shadow:
+                mirror.setdefault(p.domain, []).append((text, rid, p))
+        for domain, rows in mirror.items():
+            try:
+                self._shadow_queue.put_nowait((domain, rows))
+            except queue.Full:
+                metrics.ROLLOUT_ANSWERS.labels("shadow_dropped").inc(len(rows))
+        try:
+            self.registry.observe(obs)
+        except StoreUnavailable:
+            metrics.MEMORY_SYNC_ERRORS.inc()
+
+    def _shadow_loop(self) -> None:
+        """Mirrored requests run against the shadow candidate off the request path; answers are discarded
+        after recording agreement and latency."""
+        while True:
+            domain, rows = self._shadow_queue.get()
+            version = self.predictor.rollout_versions().get(domain)
+            t0 = time.perf_counter()
+            error = None
+            try:
+                answers = self.predictor.shadow(
+                    domain, [t for t, _, _ in rows], np.stack([p.key for _, _, p in rows])
+                )
+            except Exception as exc:  # a failing candidate is a finding, not a serving failure
+                answers, error = None, type(exc).__name__
+                log.warning("shadow candidate %s/%s failed: %s", domain, version, exc)
+            if answers is None and error is None:
+                continue  # the rollout ended while this waited
+            latency_ms = (time.perf_counter() - t0) * 1000.0
+            now = time.time()
+            obs = []
+            for i, (_, rid, stable) in enumerate(rows):
+                metrics.ROLLOUT_ANSWERS.labels("shadow").inc()
+                obs.append(
+                    {
+                        "rid": rid,
+                        "domain": domain,
+                        "candidate": version,
+                        "variant": "shadow",
+                        "served": stable.model_version,
+                        "label": answers[i].label if answers else None,
+                        "stable_label": stable.label,
+                        "latency_ms": latency_ms,
+                        "error": error,
+                        "replica": self.replica_id,
+                        "ts": now,
+                    }
+                )
+            try:
+                self.registry.observe(obs)
+            except StoreUnavailable:
+                metrics.MEMORY_SYNC_ERRORS.inc()
 
     async def _infer(self, texts: list[str], domain: str | None, request_id: str) -> list[Prediction]:
         if len(texts) > self.cfg.max_batch_texts:
@@ -394,6 +509,44 @@ class DriftServe:
         )
         accepted = self._produce(self.cfg.kafka.forget_topic, event.forget_id.encode(), event.to_bytes())
         return accepted.model_copy(update={"event_id": event.forget_id})
+
+    # -- operator control (bearer token) -------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        token = self.cfg.admin_token
+        if not token:
+            raise Forbidden("admin API disabled: set DRIFTSERVE_ADMIN_TOKEN to enable it")
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token.encode()):
+            raise Unauthorized("admin endpoints need 'Authorization: Bearer <DRIFTSERVE_ADMIN_TOKEN>'")
+
+    @api.get("/admin/registry")
+    def admin_registry(self, request: Request, domain: str | None = None) -> dict:
+        self._authorize(request)
+        return self.admin.listing(domain)
+
+    @api.get("/admin/registry/{domain}/{version}")
+    def admin_version(self, request: Request, domain: str, version: str) -> dict:
+        self._authorize(request)
+        return self.admin.show(domain, version)
+
+    @api.get("/admin/rollout")
+    def admin_rollout_status(self, request: Request, domain: str | None = None) -> dict:
+        self._authorize(request)
+        return self.admin.status(domain)
+
+    @api.post("/admin/rollout/{domain}/{action}")
+    def admin_rollout_action(self, request: Request, domain: str, action: str, body: AdminAction) -> dict:
+        self._authorize(request)
+        actor = f"admin-http:{body.operator}" if body.operator else "admin-http"
+        reason = body.reason or f"operator {action}"
+        if action == "promote":
+            return self.admin.promote(domain, body.version, actor=actor, reason=reason)
+        if action == "rollback":
+            return self.admin.rollback(domain, actor=actor, reason=reason)
+        if action in {"pause", "resume"}:
+            return self.admin.pause(domain, action == "pause", actor=actor, reason=reason)
+        raise BadRequest(f"unknown action {action!r}: promote | rollback | pause | resume")
 
     @api.get("/metrics")
     def prometheus(self) -> Response:

@@ -26,6 +26,8 @@ class ServingConfig:
     memory_index: str = "exact"  # exact | ann
     runtime: str = "torch"  # torch | onnx (the adapter-free key path; adapters always run on torch)
     onnx_cache_dir: Path | None = None
+    admin_token: str | None = None  # bearer token of the /admin endpoints; None disables them
+    shadow_queue_size: int = 256  # mirrored requests waiting for the shadow candidate; beyond: dropped
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     compensation: CompensationConfig = field(default_factory=CompensationConfig)

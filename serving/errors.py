@@ -46,3 +46,23 @@ class ArtifactRejected(ServingError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+
+
+class Unauthorized(ServingError):
+    status_code = 401
+    error_type = "unauthorized"
+
+
+class Forbidden(ServingError):
+    status_code = 403
+    error_type = "forbidden"
+
+
+class NotFound(ServingError):
+    status_code = 404
+    error_type = "not_found"
+
+
+class Conflict(ServingError):
+    status_code = 409
+    error_type = "conflict"

@@ -172,3 +172,13 @@ def decode_v2_request(raw: bytes, header_length: str | None) -> V2InferRequest:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
         raise BadRequest(f"{where or 'body'}: {first.get('msg')}") from exc
+
+
+class AdminAction(BaseModel):
+    """Body of ``POST /admin/rollout/{domain}/{action}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(default="", max_length=1000)
+    operator: str | None = Field(default=None, max_length=128, description="who asks (audit log)")
+    version: str | None = Field(default=None, max_length=128, description="promote: this version")

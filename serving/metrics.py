@@ -79,6 +79,39 @@ LEARNER_SECONDS = Histogram(
 )
 
 
+ROLLOUT_ANSWERS = Counter(
+    "driftserve_rollout_answers_total",
+    "answers in domains with a candidate in flight",
+    ["variant"],  # stable | canary | canary_error | shadow | shadow_dropped
+)
+ROLLOUT_STAGE = Gauge(
+    "driftserve_rollout_stage",
+    "rollout stage per domain: 0 none, 1 shadow, 2 canary",
+    ["domain"],
+    multiprocess_mode="mostrecent",
+)
+ROLLOUT_WEIGHT = Gauge(
+    "driftserve_rollout_canary_weight",
+    "canary traffic share per domain",
+    ["domain"],
+    multiprocess_mode="mostrecent",
+)
+ROLLOUT_TRANSITIONS = Counter(
+    "driftserve_rollout_transitions_total", "registry decisions", ["type"]
+)  # candidate|rejected|shadow|canary|promoted|rolled_back|paused|resumed|superseded|withdrawn
+GATE_CHECKS = Counter(
+    "driftserve_gate_checks_total", "offline gate checks", ["check", "result"]
+)  # check: integrity|evaluated|accuracy|nfr|calibration|compatibility ; result: pass|fail
+CANARY_ANALYSES = Counter(
+    "driftserve_canary_analyses_total", "analysis intervals", ["stage", "result"]
+)  # result: pass|fail|inconclusive
+ROLLBACK_DRAIN = Histogram(
+    "driftserve_rollback_drain_seconds",
+    "from a rollback decision until every live replica stopped serving the candidate",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+
+
 def render() -> tuple[bytes, str]:
     """The exposition text for /metrics: all processes of this node in multiprocess mode."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")

@@ -9,12 +9,14 @@ the labels of the nearest stored feedback.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import random
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -38,6 +40,10 @@ class Prediction:
     compensated: bool
     blend: float
     key: np.ndarray = field(repr=False, compare=False, default_factory=lambda: np.zeros(0, np.float32))
+    variant: str = "stable"  # stable | canary: which version answered
+    stable_label: str | None = None  # canary answers: what the promoted version said (for flip rates)
+    canary_error: str | None = None  # canary answers: the candidate failed and the stable answer was served
+    shadow: bool = False  # mirror this request to the domain's shadow candidate (answer discarded)
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,28 @@ class AdapterCachePolicy:
             raise ValueError("max_loaded must be at least 1")
 
 
+@dataclass(frozen=True)
+class Rollout:
+    """A candidate in flight for one domain: ``canary`` serves ``weight`` of its traffic, ``shadow`` only
+    mirrors ``shadow_share`` of it. Which requests: a hash of the request id, so a retry lands alike."""
+
+    stage: str  # shadow | canary
+    adapter: ActiveAdapter
+    weight: float = 0.0
+    shadow_share: float = 0.0
+
+
+def pick(request_id: str | None, share: float, salt: str) -> bool:
+    if share <= 0.0:
+        return False
+    if share >= 1.0:
+        return True
+    if request_id is None:
+        return random.random() < share
+    digest = hashlib.blake2b(f"{salt}:{request_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64 < share
+
+
 def adapter_name(artifact: Artifact) -> str:
     digest = artifact.manifest.files.get("adapter/adapter_model.safetensors", artifact.manifest.version)
     return f"{artifact.manifest.domain}@{digest[:16]}"
@@ -98,6 +126,7 @@ class Predictor:
         self.cache = cache or AdapterCachePolicy()
         self.base_version = encoder.fingerprint[:12]
         self._active: dict[str, ActiveAdapter] = {}
+        self._rollouts: dict[str, Rollout] = {}
         self._loaded: OrderedDict[str, str] = OrderedDict()  # adapter name -> domain, LRU first
         self._swap_lock = threading.Lock()
 
@@ -115,16 +144,16 @@ class Predictor:
         name = adapter_name(artifact)
         with self._swap_lock:
             old = self._active.get(m.domain)
-            if old is not None and old.name == name:
-                return
+            if old is not None and old.name == name and old.artifact.manifest.version == m.version:
+                return  # a new version with the same LoRA weights (e.g. only its head changed) still swaps
             if name not in self._loaded:
                 self.encoder.add_adapter(name, artifact.adapter_dir)  # outside the request path
             with self.encoder.lock:
                 self._active = {**self._active, m.domain: ActiveAdapter(name, artifact)}
                 self._loaded[name] = m.domain
                 self._loaded.move_to_end(name)
-                if old is not None and old.name in self._loaded:
-                    self._unload(old.name)
+                if old is not None and old.name != name:
+                    self._drop_unused(old.name)
                 self._evict(keep=name)
         log.info("serving adapter %s version %s (parent %s)", name, m.version, m.parent)
 
@@ -133,8 +162,47 @@ class Predictor:
             old = self._active.get(domain)
             if old is not None:
                 self._active = {d: a for d, a in self._active.items() if d != domain}
-                if old.name in self._loaded:
-                    self._unload(old.name)
+                self._drop_unused(old.name)
+
+    def rollout_versions(self) -> dict[str, str]:
+        return {d: r.adapter.artifact.manifest.version for d, r in self._rollouts.items()}
+
+    def rollouts(self) -> dict[str, Rollout]:
+        return dict(self._rollouts)
+
+    def set_rollout(
+        self, artifact: Artifact, stage: str, *, weight: float = 0.0, shadow_share: float = 0.0
+    ) -> None:
+        """Start or update the shadow/canary candidate of the artifact's domain (loaded before it counts)."""
+        if stage not in {"shadow", "canary"}:
+            raise ValueError(f"unknown rollout stage {stage!r}")
+        domain, name = artifact.manifest.domain, adapter_name(artifact)
+        rollout = Rollout(stage, ActiveAdapter(name, artifact), weight, shadow_share)
+        with self._swap_lock:
+            if name not in self._loaded:
+                self.encoder.add_adapter(name, artifact.adapter_dir)
+            with self.encoder.lock:
+                old = self._rollouts.get(domain)
+                self._rollouts = {**self._rollouts, domain: rollout}
+                self._loaded[name] = domain
+                self._loaded.move_to_end(name)
+                if old is not None and old.adapter.name != name:
+                    self._drop_unused(old.adapter.name)
+                self._evict(keep=name)
+
+    def clear_rollout(self, domain: str) -> None:
+        """End the domain's rollout: from the next batch on, no request reaches the candidate."""
+        with self._swap_lock, self.encoder.lock:
+            old = self._rollouts.get(domain)
+            if old is not None:
+                self._rollouts = {d: r for d, r in self._rollouts.items() if d != domain}
+                self._drop_unused(old.adapter.name)
+
+    def _drop_unused(self, name: str) -> None:
+        """Unload an adapter no active version or rollout uses any more. Caller holds the encoder lock."""
+        in_use = {a.name for a in self._active.values()} | {r.adapter.name for r in self._rollouts.values()}
+        if name in self._loaded and name not in in_use:
+            self._unload(name)
 
     def set_cache_policy(self, policy: AdapterCachePolicy) -> None:
         with self.encoder.lock:
@@ -199,10 +267,19 @@ class Predictor:
         metrics.RETRIEVAL.labels("routed").inc()
         return current, float(sims[names.index(current)])
 
-    def predict(self, texts: Sequence[str], domains: Sequence[str | None]) -> list[Prediction]:
-        """``domains[i]`` None: route by retrieval (the chosen domain is in the prediction)."""
+    def predict(
+        self,
+        texts: Sequence[str],
+        domains: Sequence[str | None],
+        request_ids: Sequence[str | None] | None = None,
+    ) -> list[Prediction]:
+        """``domains[i]`` None: route by retrieval (the chosen domain is in the prediction).
+
+        ``request_ids`` decide which requests a canary serves and which a shadow mirrors.
+        """
         if len(texts) != len(domains):
             raise ValueError("texts and domains must have the same length")
+        ids = list(request_ids) if request_ids is not None else [None] * len(texts)
         t0 = time.perf_counter()
         keys = self.embed(texts)
         metrics.STAGE_LATENCY.labels("encode").observe(time.perf_counter() - t0)
@@ -216,18 +293,79 @@ class Predictor:
         for i, d in enumerate(domains):
             by_domain.setdefault(d, []).append(i)
         for domain, idx in by_domain.items():
-            with self.encoder.lock:
-                active = self._active.get(domain)
-                head_probs = None
-                if active is not None:
-                    t1 = time.perf_counter()
-                    self._use(active)
-                    adapted = self.encoder.encode([texts[i] for i in idx], adapter=active.name)
-                    head_probs = active.artifact.head.probs(adapted)
-                    metrics.STAGE_LATENCY.labels("adapter").observe(time.perf_counter() - t1)
-            for row, pred in zip(idx, self._finish_group(domain, keys[idx], active, head_probs), strict=True):
+            preds = self._group(domain, [texts[i] for i in idx], keys[idx])
+            assert preds is not None
+            rollout = self._rollouts.get(domain)
+            if rollout is not None and rollout.stage == "canary":
+                preds = self._canary(
+                    domain, rollout, [texts[i] for i in idx], keys[idx], [ids[i] for i in idx], preds
+                )
+            elif rollout is not None:
+                preds = [
+                    replace(p, shadow=pick(ids[i], rollout.shadow_share, "shadow"))
+                    for i, p in zip(idx, preds, strict=True)
+                ]
+            for row, pred in zip(idx, preds, strict=True):
                 results[row] = pred
         return [r for r in results if r is not None]
+
+    def _group(
+        self, domain: str, texts: list[str], keys: np.ndarray, rollout: bool = False
+    ) -> list[Prediction] | None:
+        """Score one domain's rows with its promoted adapter, or (``rollout``) its candidate; None when
+        the candidate is gone. The adapter is resolved under the encoder lock, so a swap that unloads it
+        cannot slip in between."""
+        head_probs = None
+        with self.encoder.lock:
+            if rollout:
+                current = self._rollouts.get(domain)
+                if current is None:
+                    return None
+                active: ActiveAdapter | None = current.adapter
+            else:
+                active = self._active.get(domain)
+            if active is not None:
+                t1 = time.perf_counter()
+                self._use(active)
+                adapted = self.encoder.encode(texts, adapter=active.name)
+                head_probs = active.artifact.head.probs(adapted)
+                metrics.STAGE_LATENCY.labels("adapter").observe(time.perf_counter() - t1)
+        return self._finish_group(domain, keys, active, head_probs)
+
+    def _canary(
+        self,
+        domain: str,
+        rollout: Rollout,
+        texts: list[str],
+        keys: np.ndarray,
+        ids: list[str | None],
+        stable: list[Prediction],
+    ) -> list[Prediction]:
+        """Serve the canary's share with the candidate; keep the stable answer beside it for flip rates.
+        A failing candidate never fails the request: the stable answer is served and the error counted."""
+        rows = [j for j, rid in enumerate(ids) if pick(rid, rollout.weight, "canary")]
+        if not rows:
+            return stable
+        out = list(stable)
+        try:
+            cand = self._group(domain, [texts[j] for j in rows], keys[rows], rollout=True)
+        except Exception as exc:  # the candidate's failure is data for the analysis
+            log.warning("canary %s failed: %s", rollout.adapter.name, exc)
+            for j in rows:
+                out[j] = replace(stable[j], canary_error=type(exc).__name__)
+            return out
+        if cand is None:  # the rollout ended while this batch ran
+            return stable
+        for j, p in zip(rows, cand, strict=True):
+            out[j] = replace(p, variant="canary", stable_label=stable[j].label)
+        return out
+
+    def shadow(self, domain: str, texts: list[str], keys: np.ndarray) -> list[Prediction] | None:
+        """The shadow candidate's answers for mirrored requests (None if the rollout ended meanwhile)."""
+        rollout = self._rollouts.get(domain)
+        if rollout is None or rollout.stage != "shadow":
+            return None
+        return self._group(domain, texts, keys, rollout=True)
 
     def _finish_group(
         self, domain: str, keys: np.ndarray, active: ActiveAdapter | None, head_probs: np.ndarray | None

@@ -1,25 +1,29 @@
 """The replica's background sync: tails the error-memory log into the in-process index and follows the
-registry pointers, hot-swapping adapters. Request threads never wait on Redis: if it is down, the
+registry (promoted versions and in-flight shadow/canary candidates), hot-swapping adapters, and reports
+what it serves in a heartbeat. Request threads never wait on Redis: if it is down, the
 replica serves from what it already has, counts the failures, and catches up when Redis returns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from pathlib import Path
 
 from serving import metrics
-from serving.artifacts import load_artifact
+from serving.artifacts import Artifact, load_artifact
 from serving.errors import ArtifactRejected
 from serving.memory import make_memory
 from serving.predictor import Predictor
 from streams.errors import StoreUnavailable
 from streams.redis_store import MemoryLog, RedisConfig, connect
-from streams.registry_store import RegistryStore
+from streams.registry_store import RegistryStore, RolloutState
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0
 
 
 class ReplicaSync:
@@ -30,6 +34,7 @@ class ReplicaSync:
         artifacts_dir: Path,
         interval_s: float,
         memory_kind: str = "exact",
+        replica_id: str = "",
     ) -> None:
         self.predictor = predictor
         self.artifacts_dir = Path(artifacts_dir)
@@ -40,7 +45,9 @@ class ReplicaSync:
         self._redis_cfg = redis_cfg
         self.log = MemoryLog(client, redis_cfg, predictor.encoder.fingerprint, generation=-1)
         self.registry = RegistryStore(client, redis_cfg)
+        self.replica_id = replica_id
         self._last_id = "0"
+        self._last_beat = 0.0
         self._rejected: set[tuple[str, str]] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="driftserve-sync", daemon=True)
@@ -53,6 +60,9 @@ class ReplicaSync:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if self.replica_id:
+            with contextlib.suppress(StoreUnavailable):
+                self.registry.forget_replica(self.replica_id)
 
     def _switch_generation(self, generation: int) -> None:
         """A rebuild finished: load the new generation completely, then swap it in at once."""
@@ -79,29 +89,67 @@ class ReplicaSync:
             self.predictor.memory.apply([op for _, op in batch])
             block_ms = None  # only the first read may block
         metrics.MEMORY_ENTRIES.set(len(self.predictor.memory))
+        pointers, rollouts = self.registry.serving_view()
         active = self.predictor.active_versions()
-        pointers = self.registry.active()
         for domain in set(active) - set(pointers):
             self.predictor.deactivate(domain)  # withdrawn (e.g. after a forget left too little data)
         for domain, version in pointers.items():
             if active.get(domain) == version or (domain, version) in self._rejected:
                 continue
-            self._activate(domain, version)
+            artifact = self._load(domain, version)
+            if artifact is not None:
+                self.predictor.activate(artifact)
+                metrics.ADAPTER_SWAPS.labels("loaded").inc()
+                metrics.ADAPTER_SERVED.labels(domain).set(artifact.manifest.created_at)
+        self._follow_rollouts(rollouts)
+        now = time.monotonic()
+        if self.replica_id and now - self._last_beat >= HEARTBEAT_S:
+            self.registry.heartbeat(
+                self.replica_id, self.predictor.active_versions(), self.predictor.rollout_versions()
+            )
+            self._last_beat = now
 
-    def _activate(self, domain: str, version: str) -> None:
+    def _follow_rollouts(self, rollouts: dict[str, RolloutState]) -> None:
+        """Rollbacks and promotions first end what is no longer in flight, then candidates start."""
+        current = self.predictor.rollouts()
+        for domain in set(current) - set(rollouts):
+            self.predictor.clear_rollout(domain)
+        for domain, state in rollouts.items():
+            have = current.get(domain)
+            if (
+                have is not None
+                and have.adapter.artifact.manifest.version == state.version
+                and (have.stage, have.weight, have.shadow_share)
+                == (state.stage, state.weight, state.shadow_share)
+            ):
+                continue
+            if (domain, state.version) in self._rejected:
+                if have is not None:
+                    self.predictor.clear_rollout(domain)
+                continue
+            artifact = (
+                have.adapter.artifact
+                if have is not None and have.adapter.artifact.manifest.version == state.version
+                else self._load(domain, state.version)
+            )
+            if artifact is not None:
+                self.predictor.set_rollout(
+                    artifact, state.stage, weight=state.weight, shadow_share=state.shadow_share
+                )
+            elif have is not None:
+                self.predictor.clear_rollout(domain)
+
+    def _load(self, domain: str, version: str) -> Artifact | None:
         enc = self.predictor.encoder
         try:
-            artifact = load_artifact(
+            return load_artifact(
                 self.artifacts_dir / domain / version, base_fingerprint=enc.fingerprint, dim=enc.dim
             )
-            self.predictor.activate(artifact)
         except ArtifactRejected as exc:
             self._rejected.add((domain, version))
             metrics.ADAPTER_SWAPS.labels("rejected").inc()
             log.error("refusing artifact %s/%s: %s", domain, version, exc)
-            return
-        metrics.ADAPTER_SWAPS.labels("loaded").inc()
-        metrics.ADAPTER_SERVED.labels(domain).set(artifact.manifest.created_at)
+            return None
 
     def _run(self) -> None:
         backoff = self.interval_s

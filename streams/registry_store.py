@@ -43,6 +43,7 @@ State = Literal[
 ]
 Stage = Literal["shadow", "canary"]
 LIVE_STATES = frozenset({"shadow", "canary"})
+PROMOTABLE = frozenset({"candidate", "shadow", "canary"})
 OBS_MAXLEN = 200_000
 
 
@@ -164,11 +165,8 @@ class RegistryStore:
         return [(i.decode(), RolloutEvent.model_validate_json(f[b"event"])) for i, f in batch]
 
     # -- transitions (each one transaction + its audit record) ------------------------------------------
-    def _transact(self, domain: str, change: Callable[[_Tx], RolloutEvent | None]) -> Any:
-        """Run ``change`` under WATCH and apply its writes, plus its audit record if it returns one.
-
-        Returns the audit event, or ``tx.result`` for changes that audit nothing.
-        """
+    def _transact(self, domain: str, change: Callable[[_Tx], RolloutEvent]) -> RolloutEvent:
+        """Run ``change`` under WATCH, then apply its writes and its audit record in one transaction."""
         for _ in range(50):
             try:
                 with self._r.pipeline(transaction=True) as pipe:
@@ -178,10 +176,9 @@ class RegistryStore:
                     pipe.multi()
                     for op in tx.ops:
                         op(pipe)
-                    if event is not None:
-                        pipe.xadd(self.audit_key, {"event": event.model_dump_json()})
+                    pipe.xadd(self.audit_key, {"event": event.model_dump_json()})
                     pipe.execute()
-                    return event if event is not None else tx.result
+                    return event
             except redis.WatchError:
                 continue
             except redis.RedisError as exc:
@@ -272,10 +269,19 @@ class RegistryStore:
 
         return self._transact(domain, change)
 
-    def record_analysis(self, domain: str, version: str, *, passed: bool | None) -> RolloutState:
-        """Count one analysis interval's result (None: inconclusive); the caller reports the details."""
+    def record_analysis(
+        self,
+        domain: str,
+        version: str,
+        *,
+        passed: bool | None,
+        reason: str,
+        metrics: dict[str, float],
+        actor: str = "rollout-controller",
+    ) -> RolloutEvent:
+        """Count one analysis interval's verdict (None: inconclusive) and audit it with its metrics."""
 
-        def change(tx: _Tx) -> None:
+        def change(tx: _Tx) -> RolloutEvent:
             current = tx.rollout()
             if current is None or current.version != version:
                 raise RegistryConflict(f"{domain}/{version} is not rolling out")
@@ -284,22 +290,41 @@ class RegistryStore:
                 update["passes"] = current.passes + 1
             elif passed is False:
                 update["failures"] = current.failures + 1
-            tx.result = current.model_copy(update=update)
-            tx.put_rollout(tx.result)
+            tx.put_rollout(current.model_copy(update=update))
+            verdict = {True: "pass", False: "fail", None: "inconclusive"}[passed]
+            return tx.event(
+                "analysis",
+                version,
+                actor,
+                f"{current.stage} {verdict}: {reason}",
+                {
+                    **metrics,
+                    "passes": update.get("passes", current.passes),
+                    "failures": update.get("failures", current.failures),
+                },
+            )
 
         return self._transact(domain, change)
 
     def promote(
-        self, domain: str, version: str, *, actor: str, reason: str, metrics: dict[str, float] | None = None
+        self,
+        domain: str,
+        version: str,
+        *,
+        actor: str,
+        reason: str,
+        metrics: dict[str, float] | None = None,
+        allow: frozenset[str] = PROMOTABLE,
     ) -> RolloutEvent:
-        """Make ``version`` what the domain serves: from a rollout, or directly (unlearning, operators)."""
+        """Make ``version`` what the domain serves: from a rollout, or directly (unlearning, operators).
+        ``allow``: the states it may be promoted from (operators may also revert to earlier versions)."""
 
         def change(tx: _Tx) -> RolloutEvent:
             record = tx.record(version)
             if record is None:
                 raise RegistryConflict(f"{domain}/{version} is not registered")
-            if record.state not in {"candidate", "shadow", "canary"}:
-                raise RegistryConflict(f"{domain}/{version} is {record.state}; only candidates are promoted")
+            if record.state not in allow:
+                raise RegistryConflict(f"{domain}/{version} is {record.state}; it cannot be promoted")
             previous = tx.active()
             if previous is not None and previous != version and tx.record(previous) is not None:
                 tx.set_state(previous, "retired", f"replaced by {version}")
@@ -355,6 +380,15 @@ class RegistryStore:
 
         return self._transact(domain, change)
 
+    @_guard("registry read failed")
+    def forward_cursor(self) -> str:
+        raw = self._r.get(self.audit_key + ":forwarded")
+        return raw.decode() if raw else "0"
+
+    @_guard("registry write failed")
+    def set_forward_cursor(self, cursor: str) -> None:
+        self._r.set(self.audit_key + ":forwarded", cursor)
+
     # -- replicas and online observations ---------------------------------------------------------------
     @_guard("heartbeat failed")
     def heartbeat(self, replica: str, active: dict[str, str], rollout: dict[str, str]) -> None:
@@ -404,7 +438,6 @@ class _Tx:
     def __init__(self, store: RegistryStore, pipe: Any, domain: str) -> None:
         self.store, self.pipe, self.domain = store, pipe, domain
         self.ops: list[Callable[[Any], Any]] = []
-        self.result: Any = None
         self._records: dict[str, VersionRecord] = {}
 
     def record(self, version: str) -> VersionRecord | None:

@@ -16,6 +16,29 @@ from ops.wiring import configure_logging
 
 _ids = itertools.count()
 
+ADMIN_TOKEN = "integration-admin-token"
+# Domains of the gate test run under a strict per-domain policy; everything else under a lenient one,
+# so the learner's tiny test adapters are promoted and the promotion paths themselves are under test.
+GATE_DOMAINS = (
+    "gate-good",
+    "gate-good-next",
+    "gate-nan",
+    "gate-flip",
+    "gate-shape",
+    "gate-pickle",
+    "gate-hash",
+    "gate-nfr",
+)
+STRICT_GATE = {
+    "epsilon": 0.05,
+    "max_nfr": 0.05,
+    "max_ece_increase": 0.1,
+    "compat_epsilon": 0.02,
+    "min_holdout": 8,
+}
+CANARY_INTERVAL_S = 1.0
+CANARY_FAILURE_THRESHOLD = 2
+
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
@@ -32,11 +55,37 @@ def stack(tmp_path_factory):
         learner_epochs=2,
         learner_max_steps=16,
         learner_holdout_frac=0.25,
-        learner_gate_epsilon=1.0,  # the gate is not under test here; promotion paths are
+        gate_epsilon=1.0,
+        gate_max_nfr=1.0,
+        gate_max_ece_increase=1.0,
+        gate_compat_epsilon=1.0,
+        gate_min_holdout=1,
+        gate_policy_overrides=json.dumps({d: STRICT_GATE for d in GATE_DOMAINS}),
+        shadow_seconds=1.0,
+        canary_weight=0.5,
+        canary_interval_s=CANARY_INTERVAL_S,
+        canary_passes=3,
+        canary_failure_threshold=CANARY_FAILURE_THRESHOLD,
+        canary_min_requests=2,
+        canary_min_feedback=4,
+        canary_max_nfr=0.2,
+        canary_max_p99_ms=5000.0,  # two CPU cores shared by everything: latency is not under test here
+        admin_token=ADMIN_TOKEN,
     )
     configure_logging(settings)
     with EmbeddedStack(settings) as running:
         yield running
+
+
+@pytest.fixture()
+def registry(stack):
+    from streams.redis_store import connect
+    from streams.registry_store import RegistryStore
+
+    cfg = stack.settings.redis()
+    client = connect(cfg)
+    yield RegistryStore(client, cfg)
+    client.close()
 
 
 @pytest.fixture()

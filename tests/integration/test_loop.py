@@ -71,7 +71,8 @@ def test_wrong_prediction_corrected_within_two_seconds(client, producer, stack, 
     assert elapsed < 2.0, f"correction took {elapsed:.2f}s"
 
 
-def test_learner_adapter_hot_swapped_while_requests_succeed(client, producer, stack, unique):
+def test_learner_adapter_hot_swapped_while_requests_succeed(client, producer, stack, registry, unique):
+    """Learner -> candidate -> gate -> shadow -> canary -> promotion, twice, under load, 0 failures."""
     domain = unique("swap")
     seen_versions: list[str] = []
 
@@ -82,17 +83,33 @@ def test_learner_adapter_hot_swapped_while_requests_succeed(client, producer, st
 
     with BackgroundLoad(stack.url, {"text": TICKETS[0][0], "domain": domain}, record) as load:
         send_feedback(producer, stack.settings.feedback_topic, _rows(domain, TICKETS))
-        wait_for(lambda: len(seen_versions) >= 1, 180, interval=0.2, what="the first adapter")
+        first = wait_for(lambda: registry.active().get(domain), 240, interval=0.2, what="the first promotion")
         more = [(f"{t} again, version two", lab) for t, lab in TICKETS]
         send_feedback(producer, stack.settings.feedback_topic, _rows(domain, more, prefix=f"{domain}-b"))
-        wait_for(lambda: len(seen_versions) >= 2, 180, interval=0.2, what="the retrained adapter")
+        second = wait_for(
+            lambda: registry.active().get(domain) not in (None, first) and registry.active()[domain],
+            240,
+            interval=0.2,
+            what="the retrained adapter's promotion",
+        )
     assert load.failures == []
-    assert load.answered > 0 and len(set(seen_versions)) >= 2
-    manifest_dir = stack.settings.artifacts_dir / domain / seen_versions[-1]
+    assert load.answered > 0 and {first, second} <= set(seen_versions)
+    trail = [(e.type, e.version) for e in registry.audit(domain)]
+    for version in (first, second):
+        assert [t for t, v in trail if v == version][:4] == ["candidate", "shadow", "analysis", "canary"]
+        assert ("promoted", version) in trail
+    manifest_dir = stack.settings.artifacts_dir / domain / second
     assert (manifest_dir / "manifest.json").is_file()
-    final = _predict(client, TICKETS[1][0], domain)
-    assert final["adapter"] == seen_versions[-1]
-    assert final["model_version"].endswith(f"{domain}@{seen_versions[-1]}")
+    # Replicas follow the registry on their next sync round (0.1 s here).
+    answers: list[dict] = []
+
+    def serving_second():
+        answers.append(_predict(client, TICKETS[1][0], domain))
+        return answers[-1]["adapter"] == second
+
+    wait_for(serving_second, 5, what=f"the promotion of {second} (answers: {answers[-3:]})")
+    final = answers[-1]
+    assert final["model_version"].endswith(f"{domain}@{second}")
 
 
 def test_malformed_feedback_is_dead_lettered_and_consumption_continues(client, producer, stack, unique):

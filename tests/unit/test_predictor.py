@@ -163,3 +163,68 @@ def test_retrieval_routes_to_the_domain_owning_the_nearest_class(tiny_encoder):
     assert predictor.route(_vec(0, 0, 1))[0] == "default"  # nothing similar: fall back
     off = Predictor(tiny_encoder, mem, CompensationConfig(), retrieval=RetrievalConfig(enabled=False))
     assert off.route(_vec(0, 1, 0))[0] == "default"
+
+
+def test_canary_serves_its_weight_and_keeps_the_stable_answer(tmp_path, predictor, tiny_encoder):
+    stable = _artifact(tmp_path, tiny_encoder, "v1")
+    candidate = _artifact(tmp_path, tiny_encoder, "v2", parent=stable)
+    predictor.activate(stable)
+    predictor.set_rollout(candidate, "canary", weight=0.3)
+    ids = [f"req-{i}" for i in range(400)]
+    preds = predictor.predict(["good thing"] * len(ids), ["d"] * len(ids), ids)
+    canary = [p for p in preds if p.variant == "canary"]
+    assert all(p.adapter == "v2" and p.stable_label is not None for p in canary)
+    assert all(p.adapter == "v1" for p in preds if p.variant == "stable")
+    # binomial(400, 0.3): mean 120, sd 9.2; 99.9% within +-31
+    assert 89 <= len(canary) <= 151
+    again = predictor.predict(["good thing"] * 50, ["d"] * 50, ids[:50])
+    assert [p.variant for p in again] == [p.variant for p in preds[:50]]  # a retry lands alike
+    predictor.clear_rollout("d")
+    after = predictor.predict(["good thing"] * 100, ["d"] * 100, ids[:100])
+    assert {p.adapter for p in after} == {"v1"}
+    assert adapter_name(candidate) not in predictor.loaded_adapters()
+
+
+def test_a_failing_canary_serves_the_stable_answer(tmp_path, predictor, tiny_encoder, monkeypatch):
+    stable = _artifact(tmp_path, tiny_encoder, "v1")
+    candidate = _artifact(tmp_path, tiny_encoder, "v2", parent=stable)
+    predictor.activate(stable)
+    predictor.set_rollout(candidate, "canary", weight=1.0)
+    real = tiny_encoder.encode
+
+    def broken(texts, adapter=None):
+        if adapter == adapter_name(candidate):
+            raise RuntimeError("CUDA error: device-side assert")
+        return real(texts, adapter=adapter)
+
+    monkeypatch.setattr(tiny_encoder, "encode", broken)
+    (p,) = predictor.predict(["good thing"], ["d"], ["r1"])
+    assert p.adapter == "v1" and p.variant == "stable" and p.canary_error == "RuntimeError"
+
+
+def test_shadow_marks_mirrored_requests_and_answers_off_path(tmp_path, predictor, tiny_encoder):
+    candidate = _artifact(tmp_path, tiny_encoder, "v1")
+    predictor.set_rollout(candidate, "shadow", shadow_share=0.5)
+    ids = [f"s-{i}" for i in range(200)]
+    preds = predictor.predict(["good thing"] * 200, ["d"] * 200, ids)
+    mirrored = [p for p in preds if p.shadow]
+    assert 60 <= len(mirrored) <= 140
+    assert all(p.adapter is None and p.variant == "stable" for p in preds)  # users never see the shadow
+    keys = np.stack([p.key for p in mirrored[:3]])
+    answers = predictor.shadow("d", ["good thing"] * 3, keys)
+    assert answers is not None and {a.adapter for a in answers} == {"v1"}
+    predictor.clear_rollout("d")
+    assert predictor.shadow("d", ["good thing"], keys[:1]) is None
+
+
+def test_a_new_version_with_identical_lora_weights_still_swaps(tmp_path, predictor, tiny_encoder):
+    """Two versions may share LoRA weights (only the head changed): the new one must still be served."""
+    v1 = _artifact(tmp_path, tiny_encoder, "v1")
+    v2 = _artifact(tmp_path, tiny_encoder, "v2")
+    assert adapter_name(v1) == adapter_name(v2)  # same seed, same data: same LoRA file
+    predictor.activate(v1)
+    predictor.set_rollout(v2, "canary", weight=0.5)
+    predictor.activate(v2)  # promoted
+    predictor.clear_rollout("d")
+    (p,) = predictor.predict(["good thing"], ["d"], ["r"])
+    assert p.adapter == "v2" and predictor.loaded_adapters() == [adapter_name(v2)]

@@ -202,6 +202,7 @@ float64 and would print 1000000 as 1e+06. Secrets are not here: see driftserve.s
   "compensation_sim_low" (float64 $v.compensation.simLow | toString)
   "compensation_sim_high" (float64 $v.compensation.simHigh | toString)
   "learner_enabled" (toString $v.learner.enabled)
+  "rollout_enabled" (toString $v.rollout.enabled)
 }}
 {{- if not $v.kafkaCluster.enabled }}
 {{- with $v.kafka.sasl.mechanism }}{{ $_ := set $s "kafka_sasl_mechanism" . }}{{ end }}
@@ -243,7 +244,28 @@ float64 and would print 1000000 as 1e+06. Secrets are not here: see driftserve.s
 {{- $_ := set $s "learner_max_steps" (int64 $v.learner.maxSteps | toString) }}
 {{- $_ := set $s "learner_batch_size" (int64 $v.learner.batchSize | toString) }}
 {{- $_ := set $s "learner_holdout_frac" (float64 $v.learner.holdoutFrac | toString) }}
-{{- $_ := set $s "learner_gate_epsilon" (float64 $v.learner.gateEpsilon | toString) }}
+{{- else if eq .role "rollout-controller" }}
+{{- $_ := set $s "device" "cpu" }}
+{{- $g := $v.rollout.gate }}
+{{- $c := $v.rollout.canary }}
+{{- $_ := set $s "gate_epsilon" (float64 $g.epsilon | toString) }}
+{{- $_ := set $s "gate_max_nfr" (float64 $g.maxNfr | toString) }}
+{{- $_ := set $s "gate_max_ece_increase" (float64 $g.maxEceIncrease | toString) }}
+{{- $_ := set $s "gate_compat_epsilon" (float64 $g.compatEpsilon | toString) }}
+{{- $_ := set $s "gate_min_holdout" (int64 $g.minHoldout | toString) }}
+{{- $_ := set $s "gate_policy_overrides" (toJson ($g.overrides | default dict)) }}
+{{- $_ := set $s "shadow_share" (float64 $v.rollout.shadow.share | toString) }}
+{{- $_ := set $s "shadow_seconds" (float64 $v.rollout.shadow.seconds | toString) }}
+{{- $_ := set $s "canary_weight" (float64 $c.weight | toString) }}
+{{- $_ := set $s "canary_interval_s" (float64 $c.intervalS | toString) }}
+{{- $_ := set $s "canary_passes" (int64 $c.passes | toString) }}
+{{- $_ := set $s "canary_failure_threshold" (int64 $c.failureThreshold | toString) }}
+{{- $_ := set $s "canary_min_requests" (int64 $c.minRequests | toString) }}
+{{- $_ := set $s "canary_min_feedback" (int64 $c.minFeedback | toString) }}
+{{- $_ := set $s "canary_max_error_rate" (float64 $c.maxErrorRate | toString) }}
+{{- $_ := set $s "canary_max_p99_ms" (float64 $c.maxP99Ms | toString) }}
+{{- $_ := set $s "canary_max_nfr" (float64 $c.maxNfr | toString) }}
+{{- $_ := set $s "canary_epsilon" (float64 $c.epsilon | toString) }}
 {{- else if eq .role "memory-writer" }}
 {{- $_ := set $s "device" "cpu" }}
 {{- else }}
@@ -273,6 +295,13 @@ float64 and would print 1000000 as 1e+06. Secrets are not here: see driftserve.s
     secretKeyRef:
       name: {{ index $ref 0 }}
       key: {{ index $ref 1 }}
+{{- end }}
+{{- with .Values.admin.tokenSecret.name }}
+- name: DRIFTSERVE_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.admin.tokenSecret.key }}
 {{- end }}
 {{- if and (not .Values.kafkaCluster.enabled) .Values.kafka.sasl.passwordSecret.name }}
 - name: DRIFTSERVE_KAFKA_SASL_PASSWORD

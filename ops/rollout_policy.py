@@ -1,0 +1,206 @@
+"""The decisions of the rollout controller as pure functions: the offline gate over a candidate's
+evaluation report, and the analysis of one shadow or canary interval over online observations.
+
+No I/O here, so every rule is unit-tested on its own; :mod:`ops.rollout` feeds them and acts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    """Offline gate (per domain; defaults from settings, overrides per domain)."""
+
+    epsilon: float = 0.02  # holdout accuracy >= current - epsilon
+    max_nfr: float = 0.05  # negative flips on the holdout
+    max_ece_increase: float = 0.1  # calibration: ece <= current_ece + this
+    compat_epsilon: float = 0.02  # compat_new_old >= compat_old_old - this
+    min_holdout: int = 4  # an evaluation on fewer examples is no evaluation
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    gate: GatePolicy = field(default_factory=GatePolicy)
+    gate_overrides: dict[str, GatePolicy] = field(default_factory=dict)
+    shadow_share: float = 1.0
+    shadow_seconds: float = 30.0
+    canary_weight: float = 0.2
+    interval_s: float = 30.0
+    passes: int = 3
+    failure_threshold: int = 2
+    min_requests: int = 10
+    min_feedback: int = 5
+    max_error_rate: float = 0.01
+    max_p99_ms: float = 1000.0
+    max_nfr: float = 0.05
+    epsilon: float = 0.02
+
+    def gate_for(self, domain: str) -> GatePolicy:
+        return self.gate_overrides.get(domain, self.gate)
+
+
+def parse_gate_overrides(raw: str, base: GatePolicy | None = None) -> dict[str, GatePolicy]:
+    """``{"domain": {"max_nfr": 0.01, ...}}`` -> per-domain policies; a bad key or value is a ValueError."""
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"gate policy overrides are not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError("gate policy overrides must map domain -> {field: value}")
+    known = {f.name for f in fields(GatePolicy)}
+    base = base or GatePolicy()
+    out = {}
+    for domain, values in data.items():
+        if not isinstance(values, dict) or set(values) - known:
+            raise ValueError(f"gate override for {domain!r}: fields must be among {sorted(known)}")
+        if not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in values.values()
+        ):
+            raise ValueError(f"gate override for {domain!r}: values must be non-negative numbers")
+        out[domain] = replace(base, **values)
+    return out
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    passed: bool
+    checks: tuple[Check, ...]
+
+    @property
+    def reason(self) -> str:
+        failed = [c for c in self.checks if not c.passed]
+        shown = failed or self.checks
+        return "; ".join(f"{c.name}: {c.detail}" for c in shown)
+
+
+def offline_gate(report: dict[str, float], policy: GatePolicy) -> GateDecision:
+    """Accuracy, negative flips, calibration and compatibility of a candidate's evaluation report."""
+    checks = []
+    size = int(report.get("holdout_size", 0))
+    checks.append(
+        Check("evaluated", size >= policy.min_holdout, f"{size} held-out examples (min {policy.min_holdout})")
+    )
+    if size < policy.min_holdout:
+        return GateDecision(False, tuple(checks))
+    new, cur = report["holdout_accuracy"], report["current_accuracy"]
+    checks.append(
+        Check("accuracy", new >= cur - policy.epsilon, f"{new:.3f} vs current {cur:.3f} - {policy.epsilon}")
+    )
+    nfr = report.get("nfr", math.inf)
+    checks.append(Check("nfr", nfr <= policy.max_nfr, f"{nfr:.3f} (max {policy.max_nfr})"))
+    ece, cur_ece = report.get("ece", math.inf), report.get("current_ece", 0.0)
+    checks.append(
+        Check(
+            "calibration",
+            ece <= cur_ece + policy.max_ece_increase,
+            f"ece {ece:.3f} vs current {cur_ece:.3f} + {policy.max_ece_increase}",
+        )
+    )
+    if "compat_new_old" in report and "compat_old_old" in report:
+        new_old, old_old = report["compat_new_old"], report["compat_old_old"]
+        checks.append(
+            Check(
+                "compatibility",
+                new_old >= old_old - policy.compat_epsilon,
+                f"new-vs-old {new_old:.3f} vs old-vs-old {old_old:.3f} - {policy.compat_epsilon}",
+            )
+        )
+    return GateDecision(all(c.passed for c in checks), tuple(checks))
+
+
+@dataclass
+class Window:
+    """Online observations of one candidate over one interval (or a shadow stage)."""
+
+    answers: int = 0  # requests the candidate answered (canary) or was mirrored (shadow)
+    stable_answers: int = 0
+    errors: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    agree: int = 0
+    labelled: int = 0  # candidate answers whose feedback arrived
+    candidate_correct: int = 0
+    stable_correct: int = 0
+    negative_flips: int = 0
+    positive_flips: int = 0
+
+    def add_answer(self, obs: dict[str, Any]) -> None:
+        if obs["variant"] == "stable":
+            self.stable_answers += 1
+            return
+        self.answers += 1
+        self.latencies_ms.append(float(obs.get("latency_ms", 0.0)))
+        if obs.get("error"):
+            self.errors += 1
+        elif obs.get("label") == obs.get("stable_label"):
+            self.agree += 1
+
+    def add_label(self, obs: dict[str, Any], truth: str) -> None:
+        if obs["variant"] == "stable" or obs.get("error"):
+            return
+        new_ok, old_ok = obs.get("label") == truth, obs.get("stable_label") == truth
+        self.labelled += 1
+        self.candidate_correct += new_ok
+        self.stable_correct += old_ok
+        self.negative_flips += old_ok and not new_ok
+        self.positive_flips += new_ok and not old_ok
+
+    def p99_ms(self) -> float:
+        if not self.latencies_ms:
+            return 0.0
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+
+    def summary(self) -> dict[str, float]:
+        out = {
+            "answers": float(self.answers),
+            "stable_answers": float(self.stable_answers),
+            "errors": float(self.errors),
+            "error_rate": self.errors / self.answers if self.answers else 0.0,
+            "p99_ms": self.p99_ms(),
+            "agreement": self.agree / max(1, self.answers - self.errors),
+            "labelled": float(self.labelled),
+        }
+        if self.labelled:
+            out.update(
+                accuracy=self.candidate_correct / self.labelled,
+                stable_accuracy=self.stable_correct / self.labelled,
+                nfr=self.negative_flips / self.labelled,
+                pfr=self.positive_flips / self.labelled,
+            )
+        return out
+
+
+def analyse(window: Window, policy: RolloutPolicy) -> tuple[bool | None, str, dict[str, float]]:
+    """One interval's verdict: True pass, False fail, None inconclusive (too few answers)."""
+    s = window.summary()
+    failures = []
+    if window.errors and s["error_rate"] > policy.max_error_rate:
+        failures.append(f"error rate {s['error_rate']:.3f} > {policy.max_error_rate}")
+    if window.answers and s["p99_ms"] > policy.max_p99_ms:
+        failures.append(f"p99 {s['p99_ms']:.0f} ms > {policy.max_p99_ms:.0f} ms")
+    if window.labelled >= policy.min_feedback:
+        if s["nfr"] > policy.max_nfr:
+            failures.append(f"nfr {s['nfr']:.3f} > {policy.max_nfr}")
+        if s["accuracy"] < s["stable_accuracy"] - policy.epsilon:
+            failures.append(
+                f"accuracy {s['accuracy']:.3f} < stable {s['stable_accuracy']:.3f} - {policy.epsilon}"
+            )
+    if failures:
+        return False, "; ".join(failures), s
+    if window.answers < policy.min_requests:
+        return None, f"inconclusive: {window.answers} answers (min {policy.min_requests})", s
+    return True, f"{window.answers} answers, {window.labelled} labelled: within bounds", s

@@ -1,0 +1,136 @@
+"""The rollout controller's rules on their own: offline gate, per-domain overrides, interval analysis."""
+
+from __future__ import annotations
+
+import pytest
+
+from ops.rollout_policy import GatePolicy, RolloutPolicy, Window, analyse, offline_gate, parse_gate_overrides
+
+GOOD = {
+    "holdout_size": 40.0,
+    "holdout_accuracy": 0.90,
+    "current_accuracy": 0.88,
+    "nfr": 0.0,
+    "pfr": 0.05,
+    "ece": 0.06,
+    "current_ece": 0.05,
+    "compat_new_old": 0.85,
+    "compat_old_old": 0.84,
+}
+
+
+def _failed(report: dict, policy: GatePolicy | None = None) -> set[str]:
+    decision = offline_gate(report, policy or GatePolicy())
+    return {c.name for c in decision.checks if not c.passed}
+
+
+def test_a_better_compatible_candidate_passes():
+    decision = offline_gate(GOOD, GatePolicy())
+    assert decision.passed, decision.reason
+    assert {c.name for c in decision.checks} == {
+        "evaluated",
+        "accuracy",
+        "nfr",
+        "calibration",
+        "compatibility",
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "check"),
+    [
+        ({"holdout_accuracy": 0.80}, "accuracy"),  # below current - epsilon
+        ({"nfr": 0.10}, "nfr"),
+        ({"ece": 0.30}, "calibration"),
+        ({"compat_new_old": 0.70}, "compatibility"),
+    ],
+)
+def test_each_check_blocks_on_its_own(change, check):
+    assert _failed({**GOOD, **change}) == {check}
+
+
+def test_no_evaluation_is_no_pass():
+    assert not offline_gate({}, GatePolicy()).passed
+    assert _failed({**GOOD, "holdout_size": 2.0}) == {"evaluated"}
+
+
+def test_missing_flip_or_calibration_figures_fail_closed():
+    report = {k: v for k, v in GOOD.items() if k not in {"nfr", "ece"}}
+    assert _failed(report) == {"nfr", "calibration"}
+
+
+def test_first_adapter_has_no_compatibility_check():
+    report = {k: v for k, v in GOOD.items() if not k.startswith("compat")}
+    decision = offline_gate(report, GatePolicy())
+    assert decision.passed and "compatibility" not in {c.name for c in decision.checks}
+
+
+def test_per_domain_overrides():
+    overrides = parse_gate_overrides('{"strict": {"max_nfr": 0.01}}', GatePolicy(max_nfr=0.2))
+    policy = RolloutPolicy(gate=GatePolicy(max_nfr=0.2), gate_overrides=overrides)
+    report = {**GOOD, "nfr": 0.05}
+    assert offline_gate(report, policy.gate_for("other")).passed
+    assert _failed(report, policy.gate_for("strict")) == {"nfr"}
+    assert parse_gate_overrides("") == {}
+
+
+@pytest.mark.parametrize(
+    "raw", ["not json", "[1]", '{"d": {"max_nfr": "x"}}', '{"d": {"unknown": 1}}', '{"d": {"max_nfr": -1}}']
+)
+def test_bad_overrides_are_refused_with_a_reason(raw):
+    with pytest.raises(ValueError):
+        parse_gate_overrides(raw)
+
+
+def _obs(variant: str, label: str, stable: str, rid: str, latency: float = 10.0, error: str | None = None):
+    return {
+        "variant": variant,
+        "label": label,
+        "stable_label": stable,
+        "rid": rid,
+        "latency_ms": latency,
+        "error": error,
+    }
+
+
+def test_window_counts_flips_against_the_stable_answer():
+    w = Window()
+    cases = [("a", "a", "a"), ("b", "a", "a"), ("a", "b", "a"), ("b", "b", "a")]  # new, old, truth
+    for i, (new, old, truth) in enumerate(cases):
+        obs = _obs("canary", new, old, str(i))
+        w.add_answer(obs)
+        w.add_label(obs, truth)
+    s = w.summary()
+    assert s["labelled"] == 4 and s["nfr"] == 0.25 and s["pfr"] == 0.25
+    assert s["accuracy"] == 0.5 and s["stable_accuracy"] == 0.5 and s["agreement"] == 0.5
+
+
+POLICY = RolloutPolicy(min_requests=5, min_feedback=4, max_nfr=0.1, max_error_rate=0.05, max_p99_ms=100)
+
+
+def _window(n: int, *, wrong: int = 0, errors: int = 0, latency: float = 10.0) -> Window:
+    w = Window()
+    for i in range(n):
+        obs = _obs("canary", "x" if i < wrong else "a", "a", str(i), latency, "Boom" if i < errors else None)
+        w.add_answer(obs)
+        w.add_label(obs, "a")
+    return w
+
+
+def test_analysis_verdicts():
+    assert analyse(_window(10), POLICY)[0] is True
+    assert analyse(_window(3), POLICY)[0] is None  # inconclusive, not a pass
+    verdict, reason, _ = analyse(_window(10, wrong=3), POLICY)
+    assert verdict is False and "nfr" in reason
+    verdict, reason, _ = analyse(_window(10, errors=2), POLICY)
+    assert verdict is False and "error rate" in reason
+    verdict, reason, _ = analyse(_window(10, latency=500.0), POLICY)
+    assert verdict is False and "p99" in reason
+
+
+def test_labels_are_only_judged_with_enough_of_them():
+    w = Window()
+    for i in range(10):
+        w.add_answer(_obs("canary", "x", "a", str(i)))
+    w.add_label(_obs("canary", "x", "a", "0"), "a")  # one negative flip out of one labelled answer
+    assert analyse(w, POLICY)[0] is True
