@@ -90,6 +90,7 @@ class Learner:
         self.memory_log = MemoryLog(client, redis_cfg, encoder.fingerprint)
         self.buffers = ReplayBuffers(buffer_dir)
         self.reports: list[RunReport] = []
+        self._attempted: set[str] = set()  # domains trained since this process started
         self.unlearn: set[str] = set()  # domains whose adapter saw forgotten data: retrain from scratch
         self._state: dict[str, _DomainState] = {}
         self._lock = threading.Lock()  # guards unlearn, _state and _queued between poll thread and worker
@@ -129,10 +130,12 @@ class Learner:
         if not self._enough(examples):
             return None
         new = self.buffers.new_since_train(domain)
-        if not has_adapter:
-            return "first adapter"
         if new >= self.policy.retrain_every:
             return "new labels"
+        # A first candidate once per process; after that, new data decides (the rollout controller may
+        # take minutes to promote it, and retraining on the same examples meanwhile helps nobody).
+        if not has_adapter and domain not in self._attempted:
+            return "first adapter"
         if st.drifted and new >= self.policy.min_new_after_drift:
             return "drift"
         interval = self.policy.max_interval_s
@@ -224,6 +227,7 @@ class Learner:
         )
         self.buffers.mark_trained(domain, consumed)
         with self._lock:
+            self._attempted.add(domain)
             if self.buffers.generation(domain) == generation:
                 self.unlearn.discard(domain)
         metrics.LEARNER_RUNS.labels("submitted").inc()
@@ -288,6 +292,8 @@ class Learner:
                 metrics.LEARNER_RUNS.labels("failed").inc()
                 log.exception("training %s failed", domain)
                 self.buffers.mark_trained(domain)  # wait for more data before trying again
+                with self._lock:
+                    self._attempted.add(domain)
             finally:
                 with self._lock:
                     self._queued.discard(domain)

@@ -142,9 +142,8 @@ class RolloutController:
     # -- candidates -----------------------------------------------------------------------------------------
     def take_candidates(self, rollouts: dict[str, RolloutState]) -> None:
         waiting: dict[str, list[VersionRecord]] = {}
-        for record in self.registry.versions():
-            if record.state == "candidate":
-                waiting.setdefault(record.domain, []).append(record)
+        for record in self.registry.candidates():
+            waiting.setdefault(record.domain, []).append(record)
         for domain, records in waiting.items():
             records.sort(key=lambda r: r.created_at)
             unlearning = [r for r in records if r.unlearning]
@@ -273,7 +272,9 @@ class RolloutController:
         window, tracking.window = tracking.window, Window()
         verdict, reason, summary = analyse(window, self.policy)
         metrics.CANARY_ANALYSES.labels("canary", _verdict(verdict)).inc()
-        self.registry.record_analysis(domain, state.version, passed=verdict, reason=reason, metrics=summary)
+        self.registry.record_analysis(
+            domain, state.version, passed=verdict, reason=reason, metrics=summary, audit=verdict is not None
+        )
         passes = state.passes + (verdict is True)
         failures = state.failures + (verdict is False)
         if failures >= self.policy.failure_threshold:

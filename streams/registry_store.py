@@ -93,6 +93,7 @@ class RegistryStore:
         self.audit_key = f"{ns}:registry:audit"
         self.replicas_key = f"{ns}:registry:replicas"
         self.obs_key = f"{ns}:rollout:obs"
+        self.candidates_key = f"{ns}:registry:candidates"  # "domain/version" of records in state candidate
 
     # -- reads ------------------------------------------------------------------------------------------
     @_guard("registry read failed")
@@ -127,6 +128,16 @@ class RegistryStore:
         if domain is not None:
             records = [r for r in records if r.domain == domain]
         return sorted(records, key=lambda r: (r.domain, r.created_at))
+
+    @_guard("registry read failed")
+    def candidates(self) -> list[VersionRecord]:
+        """Records waiting for the controller, oldest first (an index, so a long history costs nothing)."""
+        keys = sorted(k.decode() for k in self._r.smembers(self.candidates_key))
+        if not keys:
+            return []
+        raw = self._r.hmget(self.versions_key, keys)
+        records = [VersionRecord.model_validate_json(v) for v in raw if v is not None]
+        return sorted((r for r in records if r.state == "candidate"), key=lambda r: r.created_at)
 
     def lineage(self, domain: str, version: str) -> list[VersionRecord]:
         """The version and its ancestors, newest first (stops at the first unknown parent)."""
@@ -165,8 +176,10 @@ class RegistryStore:
         return [(i.decode(), RolloutEvent.model_validate_json(f[b"event"])) for i, f in batch]
 
     # -- transitions (each one transaction + its audit record) ------------------------------------------
-    def _transact(self, domain: str, change: Callable[[_Tx], RolloutEvent]) -> RolloutEvent:
-        """Run ``change`` under WATCH, then apply its writes and its audit record in one transaction."""
+    def _transact(
+        self, domain: str, change: Callable[[_Tx], RolloutEvent], audit: bool = True
+    ) -> RolloutEvent:
+        """Run ``change`` under WATCH, then apply its writes and (``audit``) its record in one transaction."""
         for _ in range(50):
             try:
                 with self._r.pipeline(transaction=True) as pipe:
@@ -176,7 +189,8 @@ class RegistryStore:
                     pipe.multi()
                     for op in tx.ops:
                         op(pipe)
-                    pipe.xadd(self.audit_key, {"event": event.model_dump_json()})
+                    if audit:
+                        pipe.xadd(self.audit_key, {"event": event.model_dump_json()})
                     pipe.execute()
                     return event
             except redis.WatchError:
@@ -278,8 +292,10 @@ class RegistryStore:
         reason: str,
         metrics: dict[str, float],
         actor: str = "rollout-controller",
+        audit: bool = True,
     ) -> RolloutEvent:
-        """Count one analysis interval's verdict (None: inconclusive) and audit it with its metrics."""
+        """Count one analysis interval's verdict (None: inconclusive) and audit it with its metrics
+        (``audit`` False: an idle domain's inconclusive intervals only move the clock)."""
 
         def change(tx: _Tx) -> RolloutEvent:
             current = tx.rollout()
@@ -304,7 +320,7 @@ class RegistryStore:
                 },
             )
 
-        return self._transact(domain, change)
+        return self._transact(domain, change, audit=audit)
 
     def promote(
         self,
@@ -460,6 +476,10 @@ class _Tx:
         self._records[record.version] = record
         key, payload = f"{record.domain}/{record.version}", record.model_dump_json()
         self.ops.append(lambda p: p.hset(self.store.versions_key, key, payload))
+        if record.state == "candidate":
+            self.ops.append(lambda p: p.sadd(self.store.candidates_key, key))
+        else:
+            self.ops.append(lambda p: p.srem(self.store.candidates_key, key))
 
     def put_rollout(self, state: RolloutState) -> None:
         payload = state.model_dump_json()

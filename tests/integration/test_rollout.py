@@ -276,16 +276,30 @@ def _state(registry, domain: str, version: str) -> str | None:
     return None if record is None else record.state
 
 
-def _rollout_events(stack, domains: set[str], timeout_s: float = 10.0) -> list[dict]:
-    consumer = KafkaConsumer(
-        stack.settings.rollout_topic,
-        bootstrap_servers=stack.settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=int(timeout_s * 1000),
-    )
+def _rollout_events(stack, domains: set[str]) -> list[dict]:
+    """Every record on the rollout topic up to its current end, for these domains."""
+    from kafka import TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_auto_commit=False)
     try:
-        return [e for e in (json.loads(m.value) for m in consumer) if e["domain"] in domains]
+        parts = [
+            TopicPartition(stack.settings.rollout_topic, p)
+            for p in consumer.partitions_for_topic(stack.settings.rollout_topic)
+        ]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        out: list[dict] = []
+        for _part in parts:  # highwater from fetch responses: Tansu's ListOffsets(latest) undercounts
+            consumer.poll(timeout_ms=500)
+        while True:
+            batch = consumer.poll(timeout_ms=1000)
+            for records in batch.values():
+                out += [e for e in (json.loads(m.value) for m in records) if e["domain"] in domains]
+            if all(
+                consumer.highwater(p) is not None and consumer.position(p) >= consumer.highwater(p)
+                for p in parts
+            ):
+                return out
     finally:
         consumer.close()
 
