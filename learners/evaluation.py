@@ -11,10 +11,16 @@ memory-only predictor when there is none) on held-out recent feedback:
   by the current adapter, next to the current adapter against itself. Only with a current adapter.
 
 The error memory holds only the training window, so held-out answers are never looked up.
+
+Before those predictions, the candidate's ``memory_weight`` (its head's share next to the memory's
+scorer at serving time, ``serving.predictor.memory_weight``) is fitted on the held-out feedback: the
+weight on a grid that maximises held-out accuracy (ties: log-likelihood). It travels in the manifest's
+metrics, so serving mixes exactly as evaluated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,11 +30,12 @@ from serving.artifacts import Artifact
 from serving.compensator import CompensationConfig
 from serving.encoder import Encoder
 from serving.memory import InProcessMemory
-from serving.predictor import Prediction, Predictor, adapter_name
+from serving.predictor import Prediction, Predictor, adapter_name, mix_distributions
 from streams.redis_store import MemoryEntry
 
 ECE_BINS = 15
 COMPAT_GALLERY = 512
+WEIGHT_GRID = np.linspace(0.0, 1.0, 11)
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -72,6 +79,37 @@ def _top1(queries: np.ndarray, gallery: np.ndarray, gallery_labels: list[str], t
     return float(np.mean([gallery_labels[j] == t for j, t in zip(nearest, truth, strict=True)]))
 
 
+def fit_memory_weight(
+    predictor: Predictor, artifact: Artifact, domain: str, texts: Sequence[str], truth: Sequence[str]
+) -> float:
+    """The grid weight of the memory's scorer next to ``artifact``'s head that fits held-out labels best."""
+    adapted = _adapted(predictor, artifact, texts)
+    head = artifact.head.probs(adapted).astype(np.float64)
+    keys = predictor.embed(texts)
+    k = predictor.memory.scorer.cfg.knn_k
+    sims, labels = predictor.memory.search_batch(domain, keys, k)
+    mem_vocab, mem = predictor.memory.score(domain, keys, sims, labels)
+    predictor.deactivate(domain)
+    if not mem_vocab:
+        return 0.0
+    best, best_key = 0.0, (-1.0, -np.inf)
+    for w in WEIGHT_GRID:
+        probs, vocab = mix_distributions(head, list(artifact.head.labels), mem, mem_vocab, float(w))
+        col = {lab: i for i, lab in enumerate(vocab)}
+        rows = np.arange(len(truth))
+        p_true = np.array([probs[i, col[t]] if t in col else 0.0 for i, t in zip(rows, truth, strict=True)])
+        acc = float(np.mean([vocab[j] == t for j, t in zip(probs.argmax(1), truth, strict=True)]))
+        key = (round(acc, 9), float(np.log(np.clip(p_true, 1e-9, 1.0)).mean()))
+        if key > best_key:
+            best, best_key = float(w), key
+    return best
+
+
+def with_memory_weight(artifact: Artifact, weight: float) -> Artifact:
+    metrics = {**artifact.manifest.metrics, "memory_weight": weight}
+    return dataclasses.replace(artifact, manifest=artifact.manifest.model_copy(update={"metrics": metrics}))
+
+
 def evaluate_candidate(
     encoder: Encoder,
     comp: CompensationConfig,
@@ -89,6 +127,8 @@ def evaluate_candidate(
     memory.add(list(memory_entries))
     predictor = Predictor(encoder, memory, comp)
     texts, truth = [e.text for e in hold], [e.label for e in hold]
+    weight = fit_memory_weight(predictor, candidate, domain, texts, truth)
+    candidate = with_memory_weight(candidate, weight)
     if parent is not None:
         predictor.activate(parent)
     old_correct, old_conf = _outcome(predictor.predict(texts, [domain] * len(texts)), truth)
@@ -103,6 +143,7 @@ def evaluate_candidate(
         "pfr": pfr,
         "ece": expected_calibration_error(new_conf, new_correct),
         "current_ece": expected_calibration_error(old_conf, old_correct),
+        "memory_weight": weight,
     }
     if parent is not None and train:
         gallery_ex = list(train)[-COMPAT_GALLERY:]

@@ -2,21 +2,28 @@
 serving's own Predictor -> atomic publish -> registered as a candidate. The rollout controller (ops)
 gates it and rolls it out; learners never change what is served.
 
-Offsets are committed after the buffer append is fsynced. Training runs in the poll loop (the consumer's
-``max_poll_interval_ms`` covers a run); later learners move it to a worker.
+Offsets are committed after the buffer append is fsynced. Training runs on one worker thread, so the
+poll loop keeps polling and committing (a training run may take longer than ``max_poll_interval_ms``).
+
+Triggers, per domain (``due``): no adapter yet and enough data; ``retrain_every`` new labels; a drift alarm
+(Page-Hinkley on a proxy's prequential error, ``learners.drift``) after at least ``min_new_after_drift``
+new labels; a schedule (``max_interval_s`` since the last run, if anything new arrived); and a forget
+event that touched data the adapter saw (retrained from scratch without it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from learners import artifacts
 from learners.buffer import Example, ReplayBuffers
+from learners.drift import DriftMonitor
 from learners.evaluation import evaluate_candidate
 from learners.trainer import TrainConfig, train_adapter
 from serving import metrics
@@ -39,6 +46,15 @@ class LearnerPolicy:
     min_examples: int = 32
     retrain_every: int = 64
     holdout_frac: float = 0.2
+    min_new_after_drift: int = 16
+    max_interval_s: float | None = 3600.0
+
+
+@dataclass
+class _DomainState:
+    drift: DriftMonitor = field(default_factory=DriftMonitor)
+    drifted: bool = False
+    last_run: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)
@@ -76,15 +92,29 @@ class Learner:
         self.reports: list[RunReport] = []
         self._attempted: set[str] = set()  # domains trained since this process started
         self.unlearn: set[str] = set()  # domains whose adapter saw forgotten data: retrain from scratch
+        self._state: dict[str, _DomainState] = {}
+        self._lock = threading.Lock()  # guards unlearn, _state and _queued between poll thread and worker
+        self._queued: set[str] = set()
+        self._jobs: queue.Queue[tuple[str, str] | None] = queue.Queue()
 
     # -- triggers ---------------------------------------------------------------------------------------
     def _enough(self, examples: list[Example]) -> bool:
         return len(examples) >= self.policy.min_examples and len({e.label for e in examples}) >= 2
 
-    def due(self, domain: str) -> bool:
+    def _domain(self, domain: str) -> _DomainState:
+        st = self._state.get(domain)
+        if st is None:
+            st = self._state[domain] = _DomainState()
+        return st
+
+    def trigger(self, domain: str) -> str | None:
+        """Why ``domain`` should train now, or None."""
         examples = self.buffers.examples(domain)
         has_adapter = domain in self.registry.active()
-        if domain in self.unlearn:
+        with self._lock:
+            unlearning = domain in self.unlearn
+            st = self._domain(domain)
+        if unlearning:
             if has_adapter and not self._enough(examples):
                 # Too little data left to train without the forgotten examples: stop serving the adapter.
                 with contextlib.suppress(RegistryConflict):
@@ -93,16 +123,28 @@ class Learner:
                     )
                 log.info("domain %s: adapter withdrawn after forget (too little data left)", domain)
             if not has_adapter or not self._enough(examples):
-                self.unlearn.discard(domain)
-                return False
-            return True
+                with self._lock:
+                    self.unlearn.discard(domain)
+                return None
+            return "retrained without forgotten data"
         if not self._enough(examples):
-            return False
-        if self.buffers.new_since_train(domain) >= self.policy.retrain_every:
-            return True
+            return None
+        new = self.buffers.new_since_train(domain)
+        if new >= self.policy.retrain_every:
+            return "new labels"
         # A first candidate once per process; after that, new data decides (the rollout controller may
         # take minutes to promote it, and retraining on the same examples meanwhile helps nobody).
-        return not has_adapter and domain not in self._attempted
+        if not has_adapter and domain not in self._attempted:
+            return "first adapter"
+        if st.drifted and new >= self.policy.min_new_after_drift:
+            return "drift"
+        interval = self.policy.max_interval_s
+        if interval is not None and new > 0 and time.monotonic() - st.last_run >= interval:
+            return "schedule"
+        return None
+
+    def due(self, domain: str) -> bool:
+        return self.trigger(domain) is not None
 
     # -- one training run -------------------------------------------------------------------------------
     def current(self, domain: str) -> Artifact | None:
@@ -115,14 +157,18 @@ class Learner:
             dim=self.encoder.dim,
         )
 
-    def train_domain(self, domain: str) -> RunReport:
+    def train_domain(self, domain: str, reason: str | None = None) -> RunReport:
         started = time.monotonic()
-        examples = sorted(self.buffers.examples(domain), key=lambda e: e.ts)
+        with self._lock:
+            unlearning = domain in self.unlearn
+            st = self._domain(domain)
+            st.drifted, st.last_run = False, started
+        snapshot, generation, consumed = self.buffers.snapshot(domain)
+        examples = sorted(snapshot, key=lambda e: e.ts)
         n_hold = int(len(examples) * self.policy.holdout_frac)
         train, hold = (examples[:-n_hold], examples[-n_hold:]) if n_hold else (examples, [])
         parent = self.current(domain)
         # Exact unlearning at adapter scope: an adapter that saw forgotten data is not a starting point.
-        unlearning = domain in self.unlearn
         trained = train_adapter(
             self.encoder,
             [e.text for e in train],
@@ -157,11 +203,20 @@ class Learner:
             scores["train_steps"] = float(trained.steps)
             scores["train_loss"] = trained.final_loss
             scores["train_seconds"] = time.monotonic() - started
+            if self.buffers.generation(domain) != generation:
+                # A forget arrived while this run trained on the old snapshot: never ship what it saw.
+                artifacts.discard(staged)
+                with self._lock:
+                    self.unlearn.add(domain)
+                metrics.LEARNER_RUNS.labels("discarded").inc()
+                report = RunReport(domain, version, False, "forget arrived during training", scores)
+                self.reports.append(report)
+                return report
             artifacts.commit(staged, metrics=scores)
         except BaseException:
             artifacts.discard(staged)
             raise
-        reason = "retrained without forgotten data" if unlearning else "new labels"
+        reason = "retrained without forgotten data" if unlearning else (reason or "new labels")
         self.registry.submit_candidate(
             domain,
             version,
@@ -170,9 +225,11 @@ class Learner:
             reason=reason,
             unlearning=unlearning,
         )
-        self.buffers.mark_trained(domain)
-        self._attempted.add(domain)
-        self.unlearn.discard(domain)
+        self.buffers.mark_trained(domain, consumed)
+        with self._lock:
+            self._attempted.add(domain)
+            if self.buffers.generation(domain) == generation:
+                self.unlearn.discard(domain)
         metrics.LEARNER_RUNS.labels("submitted").inc()
         metrics.LEARNER_SECONDS.observe(time.monotonic() - started)
         report = RunReport(domain, version, True, reason, scores)
@@ -203,7 +260,8 @@ class Learner:
                     self.buffers.add(events)  # order: what came before the forget is covered by it
                     events = []
                     for domain in self.buffers.forget(list(forget.event_ids), forget.subject_id):
-                        self.unlearn.add(domain)
+                        with self._lock:
+                            self.unlearn.add(domain)
                     metrics.FEEDBACK_CONSUMED.labels("learner", "forget").inc()
                 else:
                     events.append(parse_feedback(rec.value).event)
@@ -211,11 +269,57 @@ class Learner:
                 metrics.FEEDBACK_CONSUMED.labels("learner", "invalid").inc()
         self.buffers.add(events)
         metrics.FEEDBACK_CONSUMED.labels("learner", "applied").inc(len(events))
+        with self._lock:
+            for e in events:
+                st = self._domain(e.domain)
+                if st.drift.observe(e.text, e.label):
+                    st.drifted = True
+                    log.info("domain %s: drift alarm on the prequential error", e.domain)
+
+    def _work(self, stop: threading.Event) -> None:
+        """The training worker: one run at a time, domains in the order they became due."""
+        while not stop.is_set():
+            try:
+                item = self._jobs.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if item is None:
+                return
+            domain, reason = item
+            try:
+                self.train_domain(domain, reason)
+            except Exception:
+                metrics.LEARNER_RUNS.labels("failed").inc()
+                log.exception("training %s failed", domain)
+                self.buffers.mark_trained(domain)  # wait for more data before trying again
+                with self._lock:
+                    self._attempted.add(domain)
+            finally:
+                with self._lock:
+                    self._queued.discard(domain)
+
+    def schedule(self) -> list[str]:
+        """Queue every due domain that is not queued or training already; returns those queued now."""
+        queued = []
+        for domain in self.buffers.domains():
+            with self._lock:
+                if domain in self._queued:
+                    continue
+            reason = self.trigger(domain)
+            if reason is None:
+                continue
+            with self._lock:
+                self._queued.add(domain)
+            self._jobs.put((domain, reason))
+            queued.append(domain)
+        return queued
 
     def run(self, stop: threading.Event, on_ready=None) -> None:
         consumer = make_consumer(
             self.kafka, self.kafka.group(GROUP_ROLE), [self.kafka.feedback_topic, self.kafka.forget_topic]
         )
+        worker = threading.Thread(target=self._work, args=(stop,), name="learner-train", daemon=True)
+        worker.start()
         try:
             while not stop.is_set():
                 polled = consumer.poll(timeout_ms=500)
@@ -226,15 +330,8 @@ class Learner:
                 if records:
                     self.apply(records)  # durable before the commit
                     consumer.commit()
-                for domain in self.buffers.domains():
-                    if stop.is_set() or not self.due(domain):
-                        continue
-                    try:
-                        self.train_domain(domain)
-                    except Exception:
-                        metrics.LEARNER_RUNS.labels("failed").inc()
-                        log.exception("training %s failed", domain)
-                        self.buffers.mark_trained(domain)  # wait for more data before trying again
-                        self._attempted.add(domain)
+                self.schedule()
         finally:
+            self._jobs.put(None)
             consumer.close(autocommit=False)
+            worker.join(timeout=60)

@@ -4,6 +4,16 @@ The head starts from the class means of the base embeddings (the same nearest-cl
 uses before any adapter exists), so a few steps already match the serving baseline and training only
 has to improve on it. When a parent artifact exists its LoRA weights and head rows are the starting
 point (continued training), and a label the parent never saw gets a new head row.
+
+Continued training follows the continual recipe (DESIGN.md): the learning rate is re-warmed and
+re-decayed every run, and the replay buffer (a reservoir of old data beside the recent window) supplies
+the replay share. Two compatibility terms keep the update from breaking what users rely on:
+
+- MUSCLE-style distillation: on the training examples the parent gets right, KL(parent || new) at
+  temperature T (times T^2), so the new model keeps those answers (fewer negative flips);
+- BCT-style influence loss: the parent's head applied to the new features must still classify them
+  (cross-entropy over the parent's labels), so the new representation stays usable by what was built on
+  the old one.
 """
 
 from __future__ import annotations
@@ -38,6 +48,9 @@ class TrainConfig:
     max_steps: int = 400
     init_scale: float = 20.0
     seed: int = 0
+    distill_weight: float = 1.0
+    distill_temperature: float = 2.0
+    bct_weight: float = 0.5
 
 
 @dataclass
@@ -48,6 +61,7 @@ class TrainedAdapter:
     head_bias: torch.Tensor
     steps: int
     final_loss: float
+    parent_train_accuracy: float | None = None
 
     def head(self) -> Head:
         return Head(
@@ -115,6 +129,34 @@ def train_adapter(
     head_b = torch.nn.Parameter(bias.to(encoder.device))
     y = y.to(encoder.device)
     use_bf16 = encoder.device.type == "cuda"  # bf16 autocast on GPU, fp32 master weights
+
+    # The parent's answers on the training data (the model equals the parent before the first step).
+    old_logits = old_head = None
+    old_cols = torch.zeros(0, dtype=torch.long)
+    parent_acc = None
+    if parent is not None and (cfg.distill_weight > 0 or cfg.bct_weight > 0):
+        old_cols = torch.tensor([label_list.index(lab) for lab in parent.head.labels], device=encoder.device)
+        old_w = torch.from_numpy(parent.head.weight).float().to(encoder.device)
+        old_b = torch.from_numpy(parent.head.bias).float().to(encoder.device)
+        old_head = (old_w, old_b)
+        model.eval()
+        parts = []
+        with torch.no_grad():
+            for start in range(0, len(texts), 64):
+                batch = encoder.tokenize(list(texts[start : start + 64]))
+                with torch.autocast(device_type=encoder.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    out = model(**batch)
+                emb = encoder.pool(out.last_hidden_state.float(), batch["attention_mask"])
+                parts.append(emb @ old_w.T + old_b)
+        old_logits = torch.cat(parts)
+        old_right = old_cols[old_logits.argmax(1)] == y
+        parent_acc = float(old_right.float().mean())
+        # The parent's logits over its own labels, and which examples it gets right (MUSCLE's mask).
+        old_logits = (old_logits, old_right)
+    # Old-head targets for BCT: an example's label as the parent's column, -100 where the parent lacks it.
+    old_target = torch.full_like(y, -100)
+    for j, c in enumerate(old_cols.tolist()):
+        old_target[y == c] = j
     lora_params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
         [{"params": lora_params, "lr": cfg.lr}, {"params": [head_w, head_b], "lr": cfg.head_lr}],
@@ -137,9 +179,13 @@ def train_adapter(
             batch = encoder.tokenize([texts[i] for i in idx])
             with torch.autocast(device_type=encoder.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = model(**batch)
-            emb = encoder.pool(out.last_hidden_state, batch["attention_mask"])
+            emb = encoder.pool(out.last_hidden_state.float(), batch["attention_mask"])
             logits = emb @ head_w.T + head_b
             loss = torch.nn.functional.cross_entropy(logits, y[idx])
+            if old_logits is not None and old_head is not None:
+                loss = loss + _compatibility(
+                    cfg, logits, emb, idx, old_logits, old_head, old_cols, old_target
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             factor = _lr_factor(step, total, warmup)
@@ -149,7 +195,35 @@ def train_adapter(
             last_loss = float(loss.detach())
             step += 1
     model.eval()
-    return TrainedAdapter(label_list, model, head_w.data, head_b.data, step, last_loss)
+    return TrainedAdapter(label_list, model, head_w.data, head_b.data, step, last_loss, parent_acc)
+
+
+def _compatibility(
+    cfg: TrainConfig,
+    logits: torch.Tensor,
+    emb: torch.Tensor,
+    idx: list[int],
+    old: tuple[torch.Tensor, torch.Tensor],
+    old_head: tuple[torch.Tensor, torch.Tensor],
+    old_cols: torch.Tensor,
+    old_target: torch.Tensor,
+) -> torch.Tensor:
+    """MUSCLE distillation on the parent's correct examples + BCT influence loss (see the module doc)."""
+    old_logits, old_right = old[0][idx], old[1][idx]
+    extra = logits.new_zeros(())
+    if cfg.distill_weight > 0 and bool(old_right.any()):
+        t = cfg.distill_temperature
+        new_logp = torch.log_softmax(logits[:, old_cols] / t, dim=1)
+        old_p = torch.softmax(old_logits / t, dim=1)
+        kl = (old_p * (torch.log(old_p.clamp_min(1e-12)) - new_logp)).sum(1)
+        extra = extra + cfg.distill_weight * t * t * (kl * old_right).sum() / old_right.sum()
+    target = old_target[idx]
+    if cfg.bct_weight > 0 and bool((target >= 0).any()):
+        influence = emb @ old_head[0].T + old_head[1]
+        extra = extra + cfg.bct_weight * torch.nn.functional.cross_entropy(
+            influence, target, ignore_index=-100
+        )
+    return extra
 
 
 def accuracy(head_probs: np.ndarray, head_labels: list[str], truth: Sequence[str]) -> float:

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from serving.scorer import FeedbackScorer, ScorerConfig
 from streams.redis_store import MemoryEntry
 
 
@@ -107,26 +108,63 @@ class _Domain:
 class InProcessMemory:
     """Thread-safe: the sync thread appends while request threads search."""
 
-    def __init__(self, dim: int, device: str | None = None) -> None:
-        """``device`` (e.g. "cuda"): batched searches run there on a mirror of the keys."""
+    def __init__(self, dim: int, device: str | None = None, scorer: ScorerConfig | None = None) -> None:
+        """``device`` (e.g. "cuda"): batched searches run there on a mirror of the keys. ``scorer``: the
+        online experts that score a domain from its feedback (``serving.scorer``)."""
         self.dim = dim
         self.device = device if device and device != "cpu" else None
         self._domains: dict[str, _Domain] = {}
         self._rows: dict[str, tuple[str, int]] = {}  # event id -> (domain, row); deleted ids stay
         self._lock = threading.Lock()
+        self.scorer = FeedbackScorer(dim, scorer)
+        self._stale: set[str] = set()  # domains whose scorer saw entries removed since
+        self._deferring = False  # inside ``apply``: retrain the scorers once at the end
 
     def add(self, entries: list[MemoryEntry]) -> int:
-        added = 0
+        """Store entries in order; the scorer learns each one after predicting it (prequential).
+
+        Calibration needs each entry's neighbours from before it: they are found for the last
+        ``calibrate_per_batch`` new entries of each domain in one batched search against the memory as it
+        was before the batch (a bulk load or rebuild stays linear; a live stream calibrates on every
+        entry). Only the sync thread writes.
+        """
+        fresh: list[MemoryEntry] = []
         with self._lock:
+            seen: set[str] = set()
             for e in entries:
-                if e.event_id in self._rows or e.embedding.shape != (self.dim,):
+                if e.event_id in self._rows or e.event_id in seen or e.embedding.shape != (self.dim,):
                     continue
+                seen.add(e.event_id)
+                fresh.append(e)
+        neighbours: dict[int, tuple] = {}
+        if self.scorer.cfg.enabled:
+            by_domain: dict[str, list[int]] = {}
+            for i, e in enumerate(fresh):
+                by_domain.setdefault(e.domain, []).append(i)
+            for domain, rows in by_domain.items():
+                rows = rows[-self.scorer.cfg.calibrate_per_batch :]
+                if not self.scorer.knows(domain):
+                    continue
+                keys = np.stack([fresh[i].embedding for i in rows])
+                sims, labels = self.search_batch(domain, keys, self.scorer.cfg.knn_k)
+                means = self.class_means(domain)
+                for j, i in enumerate(rows):
+                    neighbours[i] = (sims[j], labels[j], *means)
+        for i, e in enumerate(fresh):
+            self.scorer.observe(e.domain, e.embedding, e.label, neighbours.get(i))
+            with self._lock:
                 row = self._domains.setdefault(e.domain, _Domain(self.dim)).append(e.embedding, e.label)
                 self._rows[e.event_id] = (e.domain, row)
-                added += 1
-        return added
+        return len(fresh)
 
     def remove(self, event_ids: list[str]) -> int:
+        """Mask the entries and retrain the domain's scorer without them (exact unlearning)."""
+        removed = self._remove(event_ids)
+        if not self._deferring:
+            self._rescore()
+        return removed
+
+    def _remove(self, event_ids: list[str]) -> int:
         removed = 0
         with self._lock:
             for event_id in event_ids:
@@ -137,19 +175,41 @@ class InProcessMemory:
                 if d.alive[where[1]]:
                     d.remove(where[1])
                     removed += 1
+                    self._stale.add(where[0])
         return removed
+
+    def _rescore(self) -> None:
+        """Retrain the scorer of every domain that lost entries, once per batch of deletions."""
+        with self._lock:
+            live = {}
+            for domain in self._stale:
+                d = self._domains[domain]
+                rows = np.flatnonzero(d.alive[: d.size])
+                live[domain] = (d.keys[rows].copy(), [d.labels[r] for r in rows])
+            self._stale.clear()
+        for domain, (keys, labels) in live.items():
+            self.scorer.rebuild(domain, keys, labels)
+
+    def score(self, domain: str, keys: np.ndarray, sims: np.ndarray, labels: list[list[str]]):
+        """The scorer's (vocabulary, probabilities) for ``keys`` given their neighbours in ``domain``."""
+        return self.scorer.predict(domain, keys, sims, labels, *self.class_means(domain))
 
     def apply(self, ops: list) -> None:
         """Apply a batch from the Redis log in order: entries are added, deletions remove."""
         batch: list[MemoryEntry] = []
-        for op in ops:
-            if isinstance(op, MemoryEntry):
-                batch.append(op)
-            else:
-                self.add(batch)
-                batch = []
-                self.remove([op.event_id])
-        self.add(batch)
+        self._deferring = True
+        try:
+            for op in ops:
+                if isinstance(op, MemoryEntry):
+                    batch.append(op)
+                else:
+                    self.add(batch)
+                    batch = []
+                    self.remove([op.event_id])
+            self.add(batch)
+        finally:
+            self._deferring = False
+            self._rescore()
 
     def contains(self, event_id: str) -> bool:
         with self._lock:

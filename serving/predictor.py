@@ -22,7 +22,7 @@ import numpy as np
 
 from serving import metrics
 from serving.artifacts import Artifact
-from serving.compensator import CompensationConfig, compensate_batch, softmax
+from serving.compensator import CompensationConfig, compensate_batch
 from serving.encoder import Encoder, TextEncoder
 from serving.memory import InProcessMemory
 from streams.schemas import DEFAULT_DOMAIN
@@ -370,26 +370,37 @@ class Predictor:
     def _finish_group(
         self, domain: str, keys: np.ndarray, active: ActiveAdapter | None, head_probs: np.ndarray | None
     ) -> list[Prediction]:
-        """Head (adapter or nearest class mean) + compensation for the rows of one domain, vectorised."""
+        """Adapter head and/or the memory's scorer, then compensation, for the rows of one domain.
+
+        Without an adapter the memory's online experts (``serving.scorer``) score the rows; with one, the
+        head's distribution is mixed with theirs at the adapter's calibrated ``memory_weight`` (fitted by
+        the learner on held-out feedback, saved with the artifact's metrics).
+        """
         t0 = time.perf_counter()
+        scorer_on = self.memory.scorer.cfg.enabled
+        k = max(self.comp.k if self.comp.enabled else 0, self.memory.scorer.cfg.knn_k if scorer_on else 0)
+        sims, neighbour_labels = (
+            self.memory.search_batch(domain, keys, k) if k else (np.zeros((len(keys), 0)), [[]] * len(keys))
+        )
+        if scorer_on:
+            mem_vocab, mem_probs = self.memory.score(domain, keys, sims, neighbour_labels)
+        else:
+            mem_vocab, mem_probs = self._prototype_batch(domain, keys)
         if active is not None and head_probs is not None:
             vocab = list(active.artifact.head.labels)
             probs = head_probs.astype(np.float64)
             version = f"{self.base_version}/{domain}@{active.artifact.manifest.version}"
             adapter: str | None = active.artifact.manifest.version
+            if mem_vocab:
+                probs, vocab = mix_distributions(
+                    probs, vocab, mem_probs, mem_vocab, memory_weight(active.artifact)
+                )
         else:
-            vocab, means = self.memory.class_means(domain)
-            z = (keys @ means.T) / self.comp.prototype_tau if vocab else np.zeros((len(keys), 0))
-            if vocab:
-                z -= z.max(axis=1, keepdims=True)
-                probs = np.exp(z)
-                probs /= probs.sum(axis=1, keepdims=True)
-            else:
-                probs = z
+            vocab, probs = list(mem_vocab), mem_probs
             version, adapter = self.base_version, None
         lam = np.zeros(len(keys))
         if self.comp.enabled:
-            sims, neighbour_labels = self.memory.search_batch(domain, keys, self.comp.k)
+            sims, neighbour_labels = sims[:, : self.comp.k], [row[: self.comp.k] for row in neighbour_labels]
             if sims.shape[1]:
                 index = {lab: i for i, lab in enumerate(vocab)}
                 for row in neighbour_labels:
@@ -428,9 +439,35 @@ class Predictor:
             )
         return out
 
-    def _prototype_probs(self, domain: str, key: np.ndarray) -> dict[str, float]:
-        labels, means = self.memory.class_means(domain)
-        if not labels:
-            return {}
-        p = softmax(means @ key, self.comp.prototype_tau)
-        return dict(zip(labels, p.tolist(), strict=True))
+    def _prototype_batch(self, domain: str, keys: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """Nearest class mean over the memory (the scorer switched off)."""
+        vocab, means = self.memory.class_means(domain)
+        if not vocab:
+            return [], np.zeros((len(keys), 0))
+        z = (keys @ means.T) / self.comp.prototype_tau
+        z -= z.max(axis=1, keepdims=True)
+        probs = np.exp(z)
+        return vocab, probs / probs.sum(axis=1, keepdims=True)
+
+
+DEFAULT_MEMORY_WEIGHT = 0.5
+
+
+def memory_weight(artifact: Artifact) -> float:
+    """The share of the memory's scorer next to this adapter's head, as calibrated by the learner."""
+    value = artifact.manifest.metrics.get("memory_weight", DEFAULT_MEMORY_WEIGHT)
+    return float(min(1.0, max(0.0, value)))
+
+
+def mix_distributions(
+    head: np.ndarray, head_vocab: list[str], mem: np.ndarray, mem_vocab: list[str], weight: float
+) -> tuple[np.ndarray, list[str]]:
+    """(1 - weight) * head + weight * memory over the union of both vocabularies (head labels first)."""
+    known = set(head_vocab)
+    vocab = list(head_vocab) + [lab for lab in mem_vocab if lab not in known]
+    index = {lab: i for i, lab in enumerate(vocab)}
+    out = np.zeros((head.shape[0], len(vocab)))
+    out[:, : head.shape[1]] = (1.0 - weight) * head
+    cols = [index[lab] for lab in mem_vocab]
+    out[:, cols] += weight * mem
+    return out, vocab

@@ -1,0 +1,240 @@
+"""Per-domain scoring from stored feedback alone: a few online experts mixed by how well each predicted
+the feedback before it saw it.
+
+Experts over the memory keys (base-model embeddings) of one domain:
+
+- ``knn``: the top-k stored neighbours, weights softmax(s_i / tau) (ReLoop2's estimate);
+- ``ncm``: nearest class mean, softmax over cosine / tau;
+- ``olr@lr``: online softmax regressions, one SGD step per stored entry, at a few learning rates (a small
+  rate averages over a stable stream, a large one tracks drift).
+
+Mixture: exponentially weighted (Hedge) on each expert's log-loss, measured prequentially: when an entry
+arrives, every expert first predicts its label from the state *before* the entry, then learns it. A fixed
+share of the weight is spread back over all experts after each update, so the mixture can switch expert
+after drift. Every replica sees the same log in the same order, so every replica computes the same weights.
+
+Measured on the three shared streams with the cached base embeddings (prequential, every earlier label
+known; see ``ops/bench/scoring.py``): the mixture beats the best single expert and a plain kNN on each.
+
+Forgetting: ``rebuild`` retrains the regressions from the remaining entries in their order and resets the
+mixture to uniform, so a forgotten entry leaves no trace in the weights.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    enabled: bool = True
+    knn_k: int = 20
+    knn_tau: float = 0.05
+    ncm_tau: float = 0.05
+    learning_rates: tuple[float, ...] = (0.03, 0.1, 0.5)
+    logit_scale: float = 10.0
+    eta: float = 0.5
+    share: float = 0.01
+    calibrate_per_batch: int = 256  # entries per domain and written batch that calibrate the mixture
+    max_classes: int = 256  # past this many labels in a domain the regressions stop (kNN and NCM remain)
+
+    def __post_init__(self) -> None:
+        if self.knn_k < 1:
+            raise ValueError("knn_k must be at least 1")
+        if self.knn_tau <= 0 or self.ncm_tau <= 0:
+            raise ValueError("temperatures must be positive")
+        if not self.learning_rates or min(self.learning_rates) <= 0:
+            raise ValueError("learning_rates must be positive and at least one")
+        if not 0.0 <= self.share < 1.0:
+            raise ValueError("share must be in [0, 1)")
+
+    @property
+    def experts(self) -> list[str]:
+        return ["knn", "ncm", *(f"olr@{lr:g}" for lr in self.learning_rates)]
+
+
+@dataclass
+class _DomainState:
+    dim: int
+    n_heads: int
+    n_experts: int
+    labels: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+    weight: np.ndarray = field(init=False)  # (heads, classes, dim)
+    bias: np.ndarray = field(init=False)  # (heads, classes)
+    log_w: np.ndarray = field(init=False)  # (experts,)
+    seen: int = 0
+    calibrated: int = 0
+
+    def __post_init__(self) -> None:
+        self.weight = np.zeros((self.n_heads, 0, self.dim))
+        self.bias = np.zeros((self.n_heads, 0))
+        self.log_w = np.zeros(self.n_experts)
+
+    regressions: bool = True  # off for good once the domain has more than ``max_classes`` labels
+
+    def grow(self, label: str, max_classes: int) -> int | None:
+        """The label's column; None once the domain has too many labels for the regressions."""
+        if label not in self.index:
+            self.index[label] = len(self.labels)
+            self.labels.append(label)
+            if self.regressions and len(self.labels) > max_classes:
+                self.regressions = False
+                self.weight = np.zeros((self.n_heads, 0, self.dim))
+                self.bias = np.zeros((self.n_heads, 0))
+                self.log_w[2:] = -np.inf
+            elif self.regressions:
+                self.weight = np.concatenate([self.weight, np.zeros((self.n_heads, 1, self.dim))], axis=1)
+                self.bias = np.concatenate([self.bias, np.zeros((self.n_heads, 1))], axis=1)
+        return self.index[label] if self.regressions else None
+
+
+def _softmax_rows(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class FeedbackScorer:
+    """Thread-safe: the memory's sync thread calls ``observe``/``rebuild``, request threads ``predict``."""
+
+    def __init__(self, dim: int, cfg: ScorerConfig | None = None) -> None:
+        self.dim = dim
+        self.cfg = cfg or ScorerConfig()
+        self._domains: dict[str, _DomainState] = {}
+        self._lock = threading.Lock()
+
+    def _state(self, domain: str) -> _DomainState:
+        st = self._domains.get(domain)
+        if st is None:
+            st = self._domains[domain] = _DomainState(
+                self.dim, len(self.cfg.learning_rates), len(self.cfg.experts)
+            )
+        return st
+
+    # -- prediction ---------------------------------------------------------------------------------------
+    def _experts(
+        self,
+        st: _DomainState,
+        keys: np.ndarray,
+        sims: np.ndarray,
+        neighbour_labels: list[list[str]],
+        class_labels: list[str],
+        class_means: np.ndarray,
+    ) -> np.ndarray:
+        """(experts, n, classes) distributions over ``st.labels``; caller holds the lock."""
+        n, c = keys.shape[0], len(st.labels)
+        out = np.zeros((len(self.cfg.experts), n, c))
+        k = min(self.cfg.knn_k, sims.shape[1]) if sims.ndim == 2 else 0
+        if k:
+            s = sims[:, :k].astype(np.float64)
+            top = np.where(np.isfinite(s[:, :1]), s[:, :1], 0.0)
+            w = np.where(np.isfinite(s), np.exp((s - top) / self.cfg.knn_tau), 0.0)
+            w /= np.clip(w.sum(axis=1, keepdims=True), 1e-12, None)
+            for i, row in enumerate(neighbour_labels):
+                for j, lab in enumerate(row[:k]):
+                    col = st.index.get(lab)
+                    if col is not None:
+                        out[0, i, col] += w[i, j]
+        known = [(st.index[lab], j) for j, lab in enumerate(class_labels) if lab in st.index]
+        if known:
+            cols, rows = zip(*known, strict=True)
+            z = np.full((n, c), -np.inf)
+            z[:, list(cols)] = (keys @ class_means[list(rows)].T) / self.cfg.ncm_tau
+            out[1] = _softmax_rows(z)
+        if c and st.regressions:
+            z = self.cfg.logit_scale * np.einsum("hcd,nd->hnc", st.weight, keys) + st.bias[:, None, :]
+            out[2:] = _softmax_rows(z)
+        return out
+
+    def mixture_weights(self, domain: str) -> dict[str, float]:
+        with self._lock:
+            st = self._domains.get(domain)
+            log_w = st.log_w if st is not None else np.zeros(len(self.cfg.experts))
+        w = np.exp(log_w - log_w.max())
+        return dict(zip(self.cfg.experts, (w / w.sum()).tolist(), strict=True))
+
+    def predict(
+        self,
+        domain: str,
+        keys: np.ndarray,
+        sims: np.ndarray,
+        neighbour_labels: list[list[str]],
+        class_labels: list[str],
+        class_means: np.ndarray,
+    ) -> tuple[list[str], np.ndarray]:
+        """The mixture's (vocabulary, (n, V) probabilities); an empty vocabulary for an unknown domain."""
+        with self._lock:
+            st = self._domains.get(domain)
+            if st is None or not st.labels:
+                return [], np.zeros((len(keys), 0))
+            experts = self._experts(st, keys, sims, neighbour_labels, class_labels, class_means)
+            w = np.exp(st.log_w - st.log_w.max())
+            labels = list(st.labels)
+        experts = np.nan_to_num(experts)
+        probs = np.einsum("e,enc->nc", w / w.sum(), experts)
+        return labels, probs
+
+    # -- learning -----------------------------------------------------------------------------------------
+    def knows(self, domain: str) -> bool:
+        """Whether ``domain`` has labels already (only then can an entry calibrate the mixture)."""
+        with self._lock:
+            st = self._domains.get(domain)
+            return st is not None and bool(st.labels)
+
+    def observe(
+        self,
+        domain: str,
+        key: np.ndarray,
+        label: str,
+        neighbours: tuple[np.ndarray, list[str], list[str], np.ndarray] | None = None,
+    ) -> None:
+        """Test, then train on one labelled entry. ``neighbours``: (sims, labels) of the key's top
+        neighbours and the class means, all from before the entry; None skips the calibration."""
+        if not self.cfg.enabled:
+            return
+        key = np.asarray(key, dtype=np.float64)
+        with self._lock:
+            st = self._state(domain)
+            if neighbours is not None and label in st.index:
+                sims, labels, class_labels, class_means = neighbours
+                sims = np.asarray(sims)[None, : len(labels)]
+                p = self._experts(st, key[None, :], sims, [list(labels)], class_labels, class_means)
+                loss = -np.log(np.clip(p[:, 0, st.index[label]], EPS, 1.0))
+                live = np.isfinite(st.log_w)
+                st.log_w[live] -= self.cfg.eta * loss[live]
+                w = np.exp(st.log_w - st.log_w[live].max())
+                w = np.where(live, (1.0 - self.cfg.share) * w / w.sum() + self.cfg.share / live.sum(), 0.0)
+                with np.errstate(divide="ignore"):
+                    st.log_w = np.log(w)
+                st.calibrated += 1
+            self._learn(st, key, label)
+
+    def _learn(self, st: _DomainState, key: np.ndarray, label: str) -> None:
+        target = st.grow(label, self.cfg.max_classes)
+        if target is not None:
+            self._sgd(st, key, target)
+        st.seen += 1
+
+    def _sgd(self, st: _DomainState, key: np.ndarray, target: int) -> None:
+        scale = self.cfg.logit_scale
+        z = scale * (st.weight @ key) + st.bias  # (heads, classes)
+        grad = _softmax_rows(z)
+        grad[:, target] -= 1.0
+        rates = np.asarray(self.cfg.learning_rates)[:, None] * 0.1
+        st.weight -= (rates * scale * grad)[:, :, None] * key[None, None, :]
+        st.bias -= rates * grad
+
+    def rebuild(self, domain: str, keys: np.ndarray, labels: list[str]) -> None:
+        """Forget everything about ``domain`` and relearn the regressions from these entries, in order."""
+        with self._lock:
+            st = self._domains[domain] = _DomainState(
+                self.dim, len(self.cfg.learning_rates), len(self.cfg.experts)
+            )
+            for key, label in zip(keys.astype(np.float64), labels, strict=True):
+                self._learn(st, key, label)

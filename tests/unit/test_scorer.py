@@ -1,0 +1,98 @@
+"""The memory's online experts (serving.scorer): prequential calibration, open label set, forgetting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serving.memory import InProcessMemory
+from serving.scorer import FeedbackScorer, ScorerConfig
+from streams.redis_store import Deletion, MemoryEntry
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _stream(n: int, dim: int = 16, seed: int = 0, flip_at: int | None = None):
+    """Two linearly separable classes; after ``flip_at`` the labels swap (abrupt concept drift)."""
+    rng = np.random.default_rng(seed)
+    x = _unit(rng.standard_normal((n, dim)))
+    y = np.where(x[:, 0] > 0, "a", "b")
+    if flip_at is not None:
+        y[flip_at:] = np.where(y[flip_at:] == "a", "b", "a")
+    return x, y
+
+
+def _prequential(mem: InProcessMemory, x, y, domain="d", start: int = 0) -> float:
+    correct = 0
+    for i in range(len(y)):
+        sims, labels = mem.search_batch(domain, x[i : i + 1], mem.scorer.cfg.knn_k)
+        vocab, probs = mem.score(domain, x[i : i + 1], sims, labels)
+        correct += bool(vocab) and vocab[int(probs[0].argmax())] == y[i]
+        mem.add([MemoryEntry(f"{domain}-{start + i}", domain, str(y[i]), x[i], float(i), "v")])
+    return correct / len(y)
+
+
+def test_config_is_checked_up_front():
+    with pytest.raises(ValueError, match="knn_k"):
+        ScorerConfig(knn_k=0)
+    with pytest.raises(ValueError, match="share"):
+        ScorerConfig(share=1.0)
+    assert ScorerConfig().experts == ["knn", "ncm", "olr@0.03", "olr@0.1", "olr@0.5"]
+
+
+def test_unknown_domain_scores_nothing():
+    mem = InProcessMemory(4)
+    vocab, probs = mem.score("nobody", _unit(np.ones((2, 4))), np.zeros((2, 0)), [[], []])
+    assert vocab == [] and probs.shape == (2, 0)
+
+
+def test_mixture_learns_a_linear_concept_and_moves_weight_off_knn():
+    mem = InProcessMemory(16)
+    x, y = _stream(1500)
+    acc = _prequential(mem, x, y)
+    assert acc > 0.9
+    w = mem.scorer.mixture_weights("d")
+    assert abs(sum(w.values()) - 1.0) < 1e-9
+    assert w["knn"] < 0.1 < max(w.values())  # a linear boundary: NCM and the regressions predict best
+
+
+def test_mixture_recovers_after_abrupt_drift():
+    mem = InProcessMemory(16)
+    x, y = _stream(1600, flip_at=800)
+    _prequential(mem, x[:800], y[:800])
+    late = _prequential(mem, x[800:], y[800:], start=800)
+    assert late > 0.7  # the fast regression and the fixed share let the mixture follow the new concept
+
+
+def test_a_new_label_is_predictable_from_its_first_example():
+    mem = InProcessMemory(16)
+    x, y = _stream(200)
+    _prequential(mem, x, y)
+    novel = _unit(np.r_[np.zeros(15), 1.0].astype(np.float32))
+    mem.add([MemoryEntry("new", "d", "c", novel, 0.0, "v")])
+    sims, labels = mem.search_batch("d", novel[None, :], 20)
+    vocab, probs = mem.score("d", novel[None, :], sims, labels)
+    assert vocab[int(probs[0].argmax())] == "c"
+
+
+def test_forgetting_retrains_the_scorer_as_if_the_entries_never_came():
+    x, y = _stream(300, seed=1)
+    keep = [i for i in range(300) if i % 3]
+    full, clean = InProcessMemory(16), InProcessMemory(16)
+    full.add([MemoryEntry(f"e{i}", "d", str(y[i]), x[i], 0.0, "v") for i in range(300)])
+    full.apply([Deletion(f"e{i}") for i in range(300) if i not in keep])
+    clean.scorer.rebuild("d", x[keep], [str(y[i]) for i in keep])
+    a, b = full.scorer._domains["d"], clean.scorer._domains["d"]
+    np.testing.assert_allclose(a.weight, b.weight)
+    np.testing.assert_allclose(a.bias, b.bias)
+    assert len(full) == len(keep)
+
+
+def test_too_many_labels_switch_the_regressions_off_but_keep_knn():
+    scorer = FeedbackScorer(4, ScorerConfig(max_classes=3))
+    for i in range(5):
+        scorer.observe("d", _unit(np.eye(4)[i % 4]), f"l{i}")
+    w = scorer.mixture_weights("d")
+    assert w["olr@0.1"] == 0.0 and w["knn"] > 0
