@@ -38,7 +38,7 @@ from transformers import AutoModel
 from learners import artifacts
 from learners.buffer import Example
 from learners.trainer import TrainConfig, TrainedAdapter, _lr_factor, lora_targets
-from serving.artifacts import Artifact, load_artifact
+from serving.artifacts import ADAPTER_DIR, HEAD_FILE, Artifact, load_artifact
 from serving.encoder import Encoder
 from streams.schemas import ArtifactManifest
 
@@ -100,7 +100,9 @@ def _span_mix(a: list[str], b: list[str], rng: random.Random) -> list[str]:
 
 
 # -- teacher --------------------------------------------------------------------------------------------
-def teacher_outputs(encoder: Encoder, artifact: Artifact, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def teacher_outputs(
+    encoder: Encoder, artifact: Artifact, texts: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
     """(base embeddings, head probabilities) of the teacher for ``texts``."""
     name = f"transfer-teacher@{artifact.manifest.version}"
     encoder.add_adapter(name, artifact.adapter_dir)
@@ -137,6 +139,7 @@ def distil(
     labels: list[str],
     cfg: TransferConfig,
     teacher: Artifact | None = None,
+    init_count: int | None = None,
 ) -> TrainedAdapter:
     """Train a LoRA + head on ``encoder``'s base to match ``soft`` (N, C); ``hard[i] >= 0`` adds CE."""
     tc = cfg.train
@@ -158,9 +161,11 @@ def distil(
         weight = torch.from_numpy(teacher.head.weight.copy())
         bias = torch.from_numpy(teacher.head.bias.copy())
     else:
-        # Class means of the new base's embeddings under the teacher's labels, as a first training does.
-        base = torch.from_numpy(encoder.encode(list(texts)))
-        assign = torch.from_numpy(soft).float()
+        # Class means of the new base's embeddings under the teacher's labels, as a first training does;
+        # the first ``init_count`` inputs (the real ones) suffice and keep a slow new base's cost down.
+        n_init = len(texts) if init_count is None else init_count
+        base = torch.from_numpy(encoder.encode(list(texts[:n_init])))
+        assign = torch.from_numpy(soft[:n_init]).float()
         means = assign.T @ base / assign.sum(0, keepdim=True).T.clamp(min=1e-6)
         weight = torch.nn.functional.normalize(means, dim=1) * tc.init_scale
         bias = torch.zeros(len(labels))
@@ -233,7 +238,9 @@ def transfer_adapter(
 ) -> TransferResult:
     """Distil ``teacher`` into an adapter on ``student_encoder``'s base from buffered ``examples`` only."""
     if not examples:
-        raise ValueError(f"domain {teacher.manifest.domain}: the replay buffer holds no examples to transfer with")
+        raise ValueError(
+            f"domain {teacher.manifest.domain}: the replay buffer holds no examples to transfer with"
+        )
     started = time.monotonic()
     rows = sorted(examples, key=lambda e: e.ts)[-cfg.max_examples :]
     n_hold = int(len(rows) * cfg.holdout_frac) if len(rows) >= 10 else 0
@@ -249,7 +256,7 @@ def transfer_adapter(
     soft = np.concatenate([real_probs, synth_probs[keep]]).astype(np.float32)
     # A buffered label the teacher's head never saw carries no CE term (the head has no row for it).
     hard = np.array([index.get(e.label, -1) for e in train] + [-1] * int(keep.sum()), dtype=np.int64)
-    trained = distil(student_encoder, texts, soft, hard, labels, cfg, teacher=teacher)
+    trained = distil(student_encoder, texts, soft, hard, labels, cfg, teacher=teacher, init_count=len(real))
     report = {
         "transfer_real": float(len(real)),
         "transfer_synthetic": float(len(synth)),
@@ -310,3 +317,49 @@ def publish_transfer(
         artifacts.discard(staged)
         raise
     return load_artifact(final, base_fingerprint=student_encoder.fingerprint, dim=student_encoder.dim)
+
+
+def republish(artifacts_root: str | Path, teacher: Artifact, encoder: Encoder) -> Artifact:
+    """The teacher's LoRA and head unchanged, re-published for a same-architecture base (no training).
+
+    The base-fingerprint check exists because features move when base weights change; this is the
+    explicit, measured decision to carry an adapter over anyway (``transfer_adapter`` is the alternative).
+    """
+    if teacher.head.weight.shape[1] != encoder.dim:
+        raise ValueError(
+            f"head width {teacher.head.weight.shape[1]} differs from the new base's {encoder.dim}"
+        )
+    probe = get_peft_model(
+        AutoModel.from_pretrained(encoder.model_path),
+        LoraConfig(**_lora_kwargs(teacher)),
+    )
+    state = load_file(str(teacher.adapter_dir / "adapter_model.safetensors"))
+    if not _same_architecture(probe, state):
+        raise ValueError("the adapter's weights do not fit the new base; use transfer_adapter")
+    m = teacher.manifest
+    manifest = m.model_copy(
+        update={
+            "version": artifacts.new_version(),
+            "parent": m.version,
+            "base_fingerprint": encoder.fingerprint,
+            "files": {},
+            "metrics": {},
+            "data_window": {**m.data_window, "republished_from": m.base_fingerprint},
+        }
+    )
+
+    def write(directory: Path) -> None:
+        import shutil
+
+        shutil.copytree(teacher.adapter_dir, directory / ADAPTER_DIR)
+        shutil.copy2(teacher.path / HEAD_FILE, directory / HEAD_FILE)
+
+    path = artifacts.publish(artifacts_root, manifest, write)
+    return load_artifact(path, base_fingerprint=encoder.fingerprint, dim=encoder.dim)
+
+
+def _lora_kwargs(artifact: Artifact) -> dict:
+    import json
+
+    cfg = json.loads((artifact.adapter_dir / "adapter_config.json").read_text())
+    return {"r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "target_modules": list(cfg["target_modules"])}

@@ -42,7 +42,8 @@ def resolve_model_path(model_path: str | None) -> str:
     """``None``: the bundled MiniLM; a known name (``serving.models``): its verified folder; else as is."""
     if model_path is None:
         return default_model_path()
-    from serving.models import known_models, model_path as named
+    from serving.models import known_models
+    from serving.models import model_path as named
 
     return named(model_path) if str(model_path).strip().lower() in known_models() else str(model_path)
 
