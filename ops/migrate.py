@@ -75,7 +75,9 @@ def migrate_base(
     report = MigrationReport(old.fingerprint, new.fingerprint, str(new.model_path), None)
     if rebuild_memory:
         key_encoder = new if target.runtime == "torch" else wiring.key_encoder(target)
-        report.memory = Rebuilder(target, encoder=key_encoder).run()
+        # The rebuild waits on the *live* writer's group (its catch-up protocol); only the keys are new.
+        rebuild_settings = settings.model_copy(update={"model_path": target.model_path})
+        report.memory = Rebuilder(rebuild_settings, encoder=key_encoder).run()
     redis_cfg = settings.redis()
     registry = RegistryStore(connect(redis_cfg), redis_cfg)
     buffers = ReplayBuffers(settings.state_dir.resolve() / "learner" / "buffers")

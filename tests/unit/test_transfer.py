@@ -178,3 +178,82 @@ def test_republish_carries_the_adapter_to_a_same_architecture_base(
 def test_transfer_refuses_an_empty_buffer(tiny_encoder, mpnet_encoder, teacher):
     with pytest.raises(ValueError, match="no examples"):
         transfer_adapter(tiny_encoder, teacher, mpnet_encoder, [], FAST)
+
+
+class _FakeRebuilder:
+    """Stands in for the Kafka/Redis rebuild; records which base's keys it would write."""
+
+    calls: list = []
+
+    def __init__(self, settings, encoder=None) -> None:
+        self.settings, self.encoder = settings, encoder
+
+    def run(self):
+        from ops.memory_admin import RebuildReport
+
+        _FakeRebuilder.calls.append((self.settings, self.encoder.fingerprint))
+        return RebuildReport(
+            generation=1, forgets=0, events=3, added=3, skipped_invalid=0, caught_up=0, seconds=0
+        )
+
+
+class _FakeRegistry:
+    def __init__(self, active: dict[str, str]) -> None:
+        self._active = active
+
+    def active(self) -> dict[str, str]:
+        return dict(self._active)
+
+
+def test_migrate_base_rekeys_then_transfers_every_promoted_adapter(
+    tiny_encoder, tiny_model_dir, mpnet_encoder, teacher, tmp_path, monkeypatch
+):
+    import json
+
+    from learners.buffer import ReplayBuffers
+    from ops import migrate
+    from ops.settings import load_settings
+    from streams.schemas import FeedbackEvent
+
+    settings = load_settings(state_dir=tmp_path, model_path=tiny_model_dir, runtime="torch")
+    root = settings.artifacts_dir / "food"
+    root.mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(teacher.path, root / "v1")
+    buffers = ReplayBuffers(tmp_path / "learner" / "buffers")
+    buffers.add(
+        [
+            FeedbackEvent(event_id=e.event_id, text=e.text, label=e.label, domain="food", ts=e.ts)
+            for e in _examples()
+        ]
+    )
+    _FakeRebuilder.calls.clear()
+    monkeypatch.setattr(migrate, "Rebuilder", _FakeRebuilder)
+    monkeypatch.setattr(migrate, "connect", lambda cfg: None)
+    monkeypatch.setattr(
+        migrate, "RegistryStore", lambda client, cfg: _FakeRegistry({"food": "v1", "empty": "v9"})
+    )
+
+    report = migrate.migrate_base(settings, mpnet_encoder.model_path, cfg=FAST)
+
+    ((rebuild_settings, keyed_with),) = _FakeRebuilder.calls
+    assert keyed_with == mpnet_encoder.fingerprint  # the memory is re-keyed with the new base
+    assert rebuild_settings.consumer_group_prefix == settings.consumer_group_prefix
+    assert report.from_fingerprint == tiny_encoder.fingerprint
+    assert report.to_fingerprint == mpnet_encoder.fingerprint
+    assert report.skipped == {"empty": "the replay buffer holds no examples"}
+    moved = report.adapters["food"]
+    assert moved["parent"] == "v1"
+    child = load_artifact(
+        settings.artifacts_dir / "food" / moved["version"],
+        base_fingerprint=mpnet_encoder.fingerprint,
+        dim=mpnet_encoder.dim,
+    )
+    assert child.manifest.parent == "v1"
+    plan = json.loads((tmp_path / "migrations" / f"{mpnet_encoder.fingerprint[:12]}.json").read_text())
+    assert plan["adapters"]["food"]["version"] == moved["version"] and plan["memory_generation"] == 1
+    target = migrate.migration_settings(settings, mpnet_encoder.model_path)
+    assert target.consumer_group_prefix == f"driftserve-{mpnet_encoder.fingerprint[:12]}"
+    with pytest.raises(ValueError, match="already served"):
+        migrate.migrate_base(settings, tiny_model_dir, cfg=FAST)
