@@ -218,6 +218,7 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-steps", type=int, default=400, help="old adapter training (transfer)")
     parser.add_argument("--transfer-steps", type=int, default=300, help="distillation steps (transfer)")
     parser.add_argument("--synthetic", type=int, default=3, help="perturbed texts per example (transfer)")
+    parser.add_argument("--teacher-artifact", help="reuse this old-base artifact as the teacher (transfer)")
     parser.add_argument("--no-retrain", action="store_true", help="skip the retrain reference (transfer)")
 
 
@@ -292,6 +293,7 @@ def _bench_transfer(args: argparse.Namespace, settings: Settings, out) -> int:
         new_model=args.to_model or None,
         same_arch_model=args.same_arch_model or None,
         retrain_reference=not args.no_retrain,
+        teacher_artifact=args.teacher_artifact,
         teacher=TrainConfig(epochs=3, max_steps=args.teacher_steps, batch_size=16),
         transfer=replace(
             base,

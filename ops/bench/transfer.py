@@ -61,6 +61,7 @@ class TransferBench:
     new_model: str | None = "all-mpnet-base-v2"
     same_arch_model: str | None = "sre-embedding-model"
     retrain_reference: bool = True
+    teacher_artifact: str | None = None
     teacher: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, max_steps=400, batch_size=16))
     transfer: TransferConfig = field(default_factory=TransferConfig)
     comp: CompensationConfig = field(default_factory=CompensationConfig)
@@ -202,7 +203,11 @@ def run(stream: Path, out: Path, cfg: TransferBench) -> dict[str, Any]:
 
     t = time.monotonic()
     old = enc(cfg.old_model)
-    teacher = _teacher(old, [(domain, e) for e in buffered], cfg.teacher, work / "artifacts")
+    if cfg.teacher_artifact:  # an earlier run's teacher on the same buffer: only the transfer is re-run
+        teacher = load_artifact(cfg.teacher_artifact, base_fingerprint=old.fingerprint, dim=old.dim)
+        result["teacher_artifact"] = cfg.teacher_artifact
+    else:
+        teacher = _teacher(old, [(domain, e) for e in buffered], cfg.teacher, out / "artifacts")
     timings["teacher_train_s"] = time.monotonic() - t
     t = time.monotonic()
     old_keys = old.encode([e.text for e in hist])
