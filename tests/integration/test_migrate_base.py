@@ -12,6 +12,7 @@ from ops.migrate import migrate_base
 from serving.artifacts import load_artifact
 from serving.encoder import model_fingerprint
 from streams.redis_store import MemoryLog, connect
+from streams.registry_store import RegistryStore
 from tests.conftest import wait_for
 from tests.integration.conftest import BackgroundLoad, send_feedback
 
@@ -38,8 +39,18 @@ def test_migrate_base_while_serving(client, producer, stack, unique, tiny_model_
     served: list[dict] = []
     with BackgroundLoad(stack.url, {"text": TICKETS[0][0], "domain": domain}, served.append) as load:
         send_feedback(producer, stack.settings.feedback_topic, rows)
-        wait_for(lambda: served and served[-1]["adapter"], 180, interval=0.2, what="a promoted adapter")
-        parent = served[-1]["adapter"]
+        # Promote the learner's first candidate as an operator would (the rollout gate is not under test).
+        redis_cfg = stack.settings.redis()
+        registry = RegistryStore(connect(redis_cfg), redis_cfg)
+        candidate = wait_for(
+            lambda: next((r.version for r in registry.versions(domain) if r.state == "candidate"), None),
+            180,
+            interval=0.2,
+            what="a candidate adapter",
+        )
+        registry.promote(domain, candidate, actor="test", reason="operator promotion")
+        wait_for(lambda: served and served[-1]["adapter"] == candidate, 30, interval=0.1, what="it served")
+        parent = candidate
         entries_before = client.get("/healthz").json()["memory_entries"]
         cfg = TransferConfig(synthetic_per_example=1, train=TrainConfig(epochs=1, max_steps=8, batch_size=8))
         report = migrate_base(stack.settings, tiny_model_dir, domains=[domain], cfg=cfg)
@@ -52,7 +63,6 @@ def test_migrate_base_while_serving(client, producer, stack, unique, tiny_model_
     new_fp = model_fingerprint(tiny_model_dir)
     assert report.to_fingerprint == new_fp != report.from_fingerprint
     assert report.memory is not None and report.memory.added >= len(rows)
-    redis_cfg = stack.settings.redis()
     rekeyed = MemoryLog(connect(redis_cfg), redis_cfg, new_fp)
     assert rekeyed.generation == report.memory.generation
     mine = [e for e in rekeyed.iter_all() if e.domain == domain]
