@@ -57,11 +57,14 @@ def test_migrate_base_while_serving(client, producer, stack, unique, tiny_model_
         answered_during = load.answered
     assert load.failures == [] and answered_during > 0
     # Serving never left the old base or its memory.
-    assert served[-1]["model_version"] == served[0]["model_version"]
+    old_base = served[0]["model_version"].split("/")[0]
+    assert all(a["model_version"].split("/")[0] == old_base for a in served)
+    assert served[-1]["adapter"] == parent
     assert client.get("/healthz").json()["memory_entries"] >= entries_before  # no generation switch
 
     new_fp = model_fingerprint(tiny_model_dir)
     assert report.to_fingerprint == new_fp != report.from_fingerprint
+    assert report.from_fingerprint[:12] == old_base
     assert report.memory is not None and report.memory.added >= len(rows)
     rekeyed = MemoryLog(connect(redis_cfg), redis_cfg, new_fp)
     assert rekeyed.generation == report.memory.generation
