@@ -187,7 +187,7 @@ class Learner:
             lora={
                 "r": self.train_cfg.r,
                 "alpha": self.train_cfg.alpha,
-                "target_modules": list(self.train_cfg.target_modules),
+                "target_modules": sorted(trained.model.peft_config["default"].target_modules),
             },
             data_window={
                 "n_train": len(train),

@@ -81,6 +81,22 @@ class TrainedAdapter:
         )
 
 
+# LoRA targets per architecture when the configured names are absent (MPNet names its projections q/k/v/o).
+_ATTENTION_TARGETS = {"bert": ("query", "value"), "mpnet": ("q", "v")}
+
+
+def lora_targets(model: torch.nn.Module, wanted: Sequence[str]) -> list[str]:
+    """``wanted`` if the model has such modules, else the query/value projections of its architecture."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if all(w in names for w in wanted):
+        return list(wanted)
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    fallback = _ATTENTION_TARGETS.get(model_type)
+    if fallback is None or not all(f in names for f in fallback):
+        raise ValueError(f"no LoRA target modules {list(wanted)} in a {model_type or 'unknown'} model")
+    return list(fallback)
+
+
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     """Re-warm linearly, then cosine re-decay (continual pre-training recipe, DESIGN.md)."""
     if step < warmup:
@@ -118,10 +134,13 @@ def train_adapter(
             weight[c] = torch.from_numpy(parent.head.weight[row])
             bias[c] = float(parent.head.bias[row])
 
-    lora_cfg = LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules)
-    )
     fresh = AutoModel.from_pretrained(encoder.model_path, dtype=torch.float32).to(encoder.device)
+    lora_cfg = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=lora_targets(fresh, cfg.target_modules),
+    )
     model = get_peft_model(fresh, lora_cfg)
     if parent is not None:
         set_peft_model_state_dict(model, load_file(str(parent.adapter_dir / "adapter_model.safetensors")))

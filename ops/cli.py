@@ -236,6 +236,68 @@ def _cmd_memory(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _migrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--to-model",
+        required=True,
+        help="the new base: a model directory or a known name (all-mpnet-base-v2, sre-embedding-model)",
+    )
+    parser.add_argument("--domains", nargs="*", default=None, help="only these domains (default: all)")
+    parser.add_argument(
+        "--skip-memory", action="store_true", help="transfer adapters only; do not re-key the error memory"
+    )
+    parser.add_argument("--transfer-steps", type=int, default=300, help="distillation steps per domain")
+    parser.add_argument(
+        "--synthetic-per-example", type=int, default=3, help="perturbed texts per buffered example"
+    )
+
+
+def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import replace
+
+    from learners.transfer import TransferConfig
+    from ops.migrate import migrate_base, migration_settings
+    from serving.models import ModelUnavailable
+
+    base = TransferConfig()
+    cfg = replace(
+        base,
+        synthetic_per_example=args.synthetic_per_example,
+        train=replace(base.train, max_steps=args.transfer_steps),
+    )
+    try:
+        report = migrate_base(
+            settings, args.to_model, domains=args.domains, rebuild_memory=not args.skip_memory, cfg=cfg
+        )
+    except (ModelUnavailable, ValueError) as exc:
+        print(f"driftserve: {exc}", file=sys.stderr)
+        return 2
+    if report.memory is not None:
+        m = report.memory
+        print(
+            f"error memory re-keyed for {report.to_fingerprint[:12]}: generation {m.generation}, "
+            f"{m.added} entries from {m.events} events ({m.forgets} forgets honoured) in {m.seconds:.1f}s"
+        )
+    for domain, row in report.adapters.items():
+        metrics = row["metrics"]
+        print(
+            f"{domain}: {row['parent']} -> {row['version']}  holdout accuracy teacher "
+            f"{metrics.get('teacher_accuracy', float('nan')):.3f} student "
+            f"{metrics.get('holdout_accuracy', float('nan')):.3f} agreement "
+            f"{metrics.get('agreement', float('nan')):.3f} ({int(metrics['transfer_synthetic_kept'])} of "
+            f"{int(metrics['transfer_synthetic'])} synthetic inputs kept)"
+        )
+    for domain, why in report.skipped.items():
+        print(f"{domain}: skipped ({why})")
+    target = migration_settings(settings, args.to_model)
+    print(f"plan: {report.plan}")
+    print(
+        "before the cutover, feed the new base's memory beside the old one: driftserve memory-writer "
+        f"--model-path {target.model_path} --consumer-group-prefix {target.consumer_group_prefix}"
+    )
+    return 0
+
+
 def _replay_arguments(parser: argparse.ArgumentParser) -> None:
     from ops.replay.cli import add_arguments
 
@@ -250,7 +312,9 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "name", choices=["feedback", "serve", "retrieval", "memory", "encoder"], help="which benchmark"
+        "name",
+        choices=["feedback", "serve", "retrieval", "memory", "encoder", "transfer"],
+        help="which benchmark",
     )
     parser.add_argument("--streams", nargs="*", default=[], help="labelled streams to mix (retrieval)")
     parser.add_argument("--out", default="bench-results", help="directory for JSON, markdown and PNG")
@@ -261,6 +325,20 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-every", type=int, default=50, help="probe every Nth event (feedback)")
     parser.add_argument("--ingest-events", type=int, default=2000, help="burst size (feedback)")
     parser.add_argument("--sizes", default="1000,10000,100000,1000000", help="memory sizes (memory)")
+    parser.add_argument("--start", type=int, default=0, help="events skipped before the history (transfer)")
+    parser.add_argument("--history", type=int, default=8000, help="events before the migration (transfer)")
+    parser.add_argument("--evaluate", type=int, default=4000, help="events replayed after it (transfer)")
+    parser.add_argument("--buffer-capacity", type=int, default=2000, help="replay buffer size (transfer)")
+    parser.add_argument("--window", type=int, default=500, help="events per reported window (transfer)")
+    parser.add_argument("--to-model", default="all-mpnet-base-v2", help="new base, '' for none (transfer)")
+    parser.add_argument(
+        "--same-arch-model", default="sre-embedding-model", help="same-architecture base, '' for none"
+    )
+    parser.add_argument("--teacher-steps", type=int, default=400, help="old adapter training (transfer)")
+    parser.add_argument("--transfer-steps", type=int, default=300, help="distillation steps (transfer)")
+    parser.add_argument("--synthetic", type=int, default=3, help="perturbed texts per example (transfer)")
+    parser.add_argument("--teacher-artifact", help="reuse this old-base artifact as the teacher (transfer)")
+    parser.add_argument("--no-retrain", action="store_true", help="skip the retrain reference (transfer)")
 
 
 def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -302,9 +380,49 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
         memory.run(out, [int(x) for x in args.sizes.split(",")])
         return 0
+    if args.name == "transfer":
+        return _bench_transfer(args, settings, out)
     from ops.bench import encoder
 
     encoder.run(out)
+    return 0
+
+
+def _bench_transfer(args: argparse.Namespace, settings: Settings, out) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from learners.trainer import TrainConfig
+    from learners.transfer import TransferConfig
+    from ops.bench import transfer
+
+    if len(args.streams) != 1:
+        print("driftserve: bench transfer needs --streams with exactly one stream", file=sys.stderr)
+        return 2
+    base = TransferConfig()
+    cfg = transfer.TransferBench(
+        start=args.start,
+        history=args.history,
+        evaluate=args.evaluate,
+        buffer_capacity=args.buffer_capacity,
+        window=args.window,
+        device=settings.device,
+        max_length=settings.max_length,
+        old_model=settings.model_path,
+        new_model=args.to_model or None,
+        same_arch_model=args.same_arch_model or None,
+        retrain_reference=not args.no_retrain,
+        teacher_artifact=args.teacher_artifact,
+        teacher=TrainConfig(epochs=3, max_steps=args.teacher_steps, batch_size=16),
+        transfer=replace(
+            base,
+            synthetic_per_example=args.synthetic,
+            train=replace(base.train, max_steps=args.transfer_steps),
+        ),
+        comp=settings.compensation(),
+    )
+    transfer.run(Path(args.streams[0]), out, cfg)
+    print((out / "transfer.md").read_text())
     return 0
 
 
@@ -324,6 +442,10 @@ COMMANDS = {
     "rollout": (_cmd_rollout, "rollout status, or promote / rollback / pause / resume a domain's rollout"),
     "memory": (_cmd_memory, "error-memory administration: rebuild from the Kafka log"),
     "bench": (_cmd_bench, "benchmarks: feedback-to-fix, serving vs naive Serve, memory lookup, runtimes"),
+    "migrate-base": (
+        _cmd_migrate,
+        "move every domain's adapter to a new base model (Trans-LoRA) and re-key the error memory",
+    ),
     "replay": (_cmd_replay, "replay a labelled stream against driftserve and report prequential quality"),
 }
 EXTRA_ARGUMENTS = {
@@ -332,6 +454,7 @@ EXTRA_ARGUMENTS = {
     "memory": _memory_arguments,
     "replay": _replay_arguments,
     "bench": _bench_arguments,
+    "migrate-base": _migrate_arguments,
 }
 
 

