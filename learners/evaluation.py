@@ -79,30 +79,43 @@ def _top1(queries: np.ndarray, gallery: np.ndarray, gallery_labels: list[str], t
     return float(np.mean([gallery_labels[j] == t for j, t in zip(nearest, truth, strict=True)]))
 
 
-def fit_memory_weight(
-    predictor: Predictor, artifact: Artifact, domain: str, texts: Sequence[str], truth: Sequence[str]
-) -> float:
-    """The grid weight of the memory's scorer next to ``artifact``'s head that fits held-out labels best."""
+def _scores(
+    predictor: Predictor, artifact: Artifact, domain: str, texts: Sequence[str]
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(head probabilities, memory vocabulary, memory scorer probabilities) for held-out texts."""
     adapted = _adapted(predictor, artifact, texts)
     head = artifact.head.probs(adapted).astype(np.float64)
     keys = predictor.embed(texts)
-    k = predictor.memory.scorer.cfg.knn_k
-    sims, labels = predictor.memory.search_batch(domain, keys, k)
+    sims, labels = predictor.memory.search_batch(domain, keys, predictor.memory.scorer.cfg.knn_k)
     mem_vocab, mem = predictor.memory.score(domain, keys, sims, labels)
     predictor.deactivate(domain)
-    if not mem_vocab:
+    return head, list(mem_vocab), mem
+
+
+def _best_weight(
+    head: np.ndarray, head_vocab: list[str], mem: np.ndarray, mem_vocab: list[str], truth: Sequence[str]
+) -> float:
+    """The grid weight of the memory's scorer next to the head that fits these labels best."""
+    if not mem_vocab or not len(truth):
         return 0.0
     best, best_key = 0.0, (-1.0, -np.inf)
     for w in WEIGHT_GRID:
-        probs, vocab = mix_distributions(head, list(artifact.head.labels), mem, mem_vocab, float(w))
+        probs, vocab = mix_distributions(head, head_vocab, mem, mem_vocab, float(w))
         col = {lab: i for i, lab in enumerate(vocab)}
-        rows = np.arange(len(truth))
-        p_true = np.array([probs[i, col[t]] if t in col else 0.0 for i, t in zip(rows, truth, strict=True)])
+        p_true = np.array([probs[i, col[t]] if t in col else 0.0 for i, t in enumerate(truth)])
         acc = float(np.mean([vocab[j] == t for j, t in zip(probs.argmax(1), truth, strict=True)]))
         key = (round(acc, 9), float(np.log(np.clip(p_true, 1e-9, 1.0)).mean()))
         if key > best_key:
             best, best_key = float(w), key
     return best
+
+
+def fit_memory_weight(
+    predictor: Predictor, artifact: Artifact, domain: str, texts: Sequence[str], truth: Sequence[str]
+) -> float:
+    """The grid weight of the memory's scorer next to ``artifact``'s head that fits held-out labels best."""
+    head, mem_vocab, mem = _scores(predictor, artifact, domain, texts)
+    return _best_weight(head, list(artifact.head.labels), mem, mem_vocab, truth)
 
 
 def with_memory_weight(artifact: Artifact, weight: float) -> Artifact:
@@ -127,13 +140,29 @@ def evaluate_candidate(
     memory.add(list(memory_entries))
     predictor = Predictor(encoder, memory, comp)
     texts, truth = [e.text for e in hold], [e.label for e in hold]
-    weight = fit_memory_weight(predictor, candidate, domain, texts, truth)
-    candidate = with_memory_weight(candidate, weight)
+    head, mem_vocab, mem = _scores(predictor, candidate, domain, texts)
+    head_vocab = list(candidate.head.labels)
+    # Cross-fitted: each half of the holdout is scored with the weight fitted on the other half, so the
+    # report is not flattered by a weight chosen on the very labels it is judged on. The artifact ships
+    # the weight fitted on all of it.
+    halves = [np.arange(len(hold))[i::2] for i in (0, 1)]
+    weight = _best_weight(head, head_vocab, mem, mem_vocab, truth)
     if parent is not None:
         predictor.activate(parent)
     old_correct, old_conf = _outcome(predictor.predict(texts, [domain] * len(texts)), truth)
-    predictor.activate(candidate)
-    new_correct, new_conf = _outcome(predictor.predict(texts, [domain] * len(texts)), truth)
+    new_correct = np.zeros(len(hold), dtype=bool)
+    new_conf = np.zeros(len(hold))
+    for this, other in (halves, halves[::-1]):
+        if not len(this):
+            continue
+        w = _best_weight(head[other], head_vocab, mem[other], mem_vocab, [truth[i] for i in other])
+        predictor.activate(with_memory_weight(candidate, w if len(other) else weight))
+        part = [texts[i] for i in this]
+        c, conf = _outcome(predictor.predict(part, [domain] * len(part)), [truth[i] for i in this])
+        new_correct[this], new_conf[this] = c, conf
+    # The head alone: a candidate the memory would have to overrule is not a candidate.
+    head_correct = np.array([head_vocab[j] == t for j, t in zip(head.argmax(1), truth, strict=True)])
+    candidate = with_memory_weight(candidate, weight)
     nfr, pfr = flip_rates(old_correct, new_correct)
     report = {
         "holdout_accuracy": float(new_correct.mean()),
@@ -144,6 +173,8 @@ def evaluate_candidate(
         "ece": expected_calibration_error(new_conf, new_correct),
         "current_ece": expected_calibration_error(old_conf, old_correct),
         "memory_weight": weight,
+        "adapter_accuracy": float(head_correct.mean()),
+        "adapter_nfr": flip_rates(old_correct, head_correct)[0],
     }
     if parent is not None and train:
         gallery_ex = list(train)[-COMPAT_GALLERY:]

@@ -33,6 +33,8 @@ from transformers import AutoModel
 from serving.artifacts import ADAPTER_DIR, HEAD_FILE, Artifact, Head
 from serving.encoder import Encoder
 
+HEAD_INIT_SAMPLE = 4096  # examples whose base embeddings give the head's initial class means
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -120,11 +122,30 @@ def train_adapter(
     label_list = sorted(set(labels) | set(parent.manifest.labels if parent else ()))
     y = torch.tensor([label_list.index(lab) for lab in labels])
 
-    # Head initialisation: class means of base embeddings, then parent rows where the parent has them.
-    base = torch.from_numpy(encoder.encode(texts))  # on CPU: class means for the head initialisation
+    # Each text is tokenized once, on first use; batches are collated (pinned, copied asynchronously)
+    # on a loader thread while the accelerator runs the previous step.
+    token_ids: dict[int, np.ndarray] = {}
+
+    def batches(order: Sequence[int], size: int):
+        for start in range(0, len(order), size):
+            idx = list(order[start : start + size])
+            missing = [i for i in idx if i not in token_ids]
+            token_ids.update(zip(missing, encoder.token_ids([texts[i] for i in missing]), strict=True))
+            yield idx, encoder.collate([token_ids[i] for i in idx])
+
+    # Head initialisation: class means of base embeddings (of a sample: a mean needs no more), then the
+    # parent's rows where the parent has them.
+    sample = sorted(rng.sample(range(len(texts)), min(len(texts), HEAD_INIT_SAMPLE)))
+    with torch.inference_mode():
+        parts = []
+        for _, batch in batches(sample, max(encoder.batch_size, cfg.batch_size)):
+            with encoder.lock:
+                parts.append(encoder.forward(batch, None).float().cpu())
+        base = torch.cat(parts)
     weight = torch.zeros(len(label_list), encoder.dim)
+    y_sample = y[sample]
     for c in range(len(label_list)):
-        members = base[y == c]
+        members = base[y_sample == c]
         if len(members):
             weight[c] = torch.nn.functional.normalize(members.mean(0), dim=0) * cfg.init_scale
     bias = torch.zeros(len(label_list))
@@ -161,8 +182,7 @@ def train_adapter(
         model.eval()
         parts = []
         with torch.no_grad():
-            for start in range(0, len(texts), 64):
-                batch = encoder.tokenize(list(texts[start : start + 64]))
+            for _, batch in batches(range(len(texts)), 64):
                 with torch.autocast(device_type=encoder.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     out = model(**batch)
                 emb = encoder.pool(out.last_hidden_state.float(), batch["attention_mask"])
@@ -187,15 +207,13 @@ def train_adapter(
     total = min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     warmup = max(1, int(total * cfg.warmup_frac))
     model.train()
-    step, last_loss = 0, float("nan")
+    step, last_loss = 0, torch.tensor(float("nan"))
     order = list(range(n))
     while step < total:
         rng.shuffle(order)
-        for start in range(0, n, cfg.batch_size):
+        for idx, batch in _prefetched(batches(order, cfg.batch_size)):
             if step >= total:
                 break
-            idx = order[start : start + cfg.batch_size]
-            batch = encoder.tokenize([texts[i] for i in idx])
             with torch.autocast(device_type=encoder.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = model(**batch)
             emb = encoder.pool(out.last_hidden_state.float(), batch["attention_mask"])
@@ -211,10 +229,47 @@ def train_adapter(
             for g, lr in zip(opt.param_groups, base_lrs, strict=True):
                 g["lr"] = lr * factor
             opt.step()
-            last_loss = float(loss.detach())
+            last_loss = loss.detach()  # read once at the end: a per-step .item() stalls the GPU queue
             step += 1
     model.eval()
-    return TrainedAdapter(label_list, model, head_w.data, head_b.data, step, last_loss, parent_acc)
+    return TrainedAdapter(label_list, model, head_w.data, head_b.data, step, float(last_loss), parent_acc)
+
+
+def _prefetched(source, depth: int = 3):
+    """Run a batch generator on a loader thread, ``depth`` batches ahead (the Rust tokenizer and the
+    copies release the GIL). Stops the loader when the consumer stops early."""
+    import queue
+    import threading
+
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def load() -> None:
+        try:
+            for item in source:
+                while not stop.is_set():
+                    try:
+                        buffer.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put(done)
+        except BaseException as exc:  # surfaced in the training loop
+            buffer.put(exc)
+
+    thread = threading.Thread(target=load, name="driftserve-loader", daemon=True)
+    thread.start()
+    try:
+        while (item := buffer.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def _compatibility(

@@ -21,6 +21,7 @@ class GatePolicy:
     max_ece_increase: float = 0.1  # calibration: ece <= current_ece + this
     compat_epsilon: float = 0.02  # compat_new_old >= compat_old_old - this
     min_holdout: int = 4  # an evaluation on fewer examples is no evaluation
+    adapter_margin: float = 0.2  # the head alone may trail the current system by at most this much
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,15 @@ def offline_gate(report: dict[str, float], policy: GatePolicy) -> GateDecision:
             f"ece {ece:.3f} vs current {cur_ece:.3f} + {policy.max_ece_increase}",
         )
     )
+    if "adapter_accuracy" in report:
+        alone = report["adapter_accuracy"]
+        checks.append(
+            Check(
+                "adapter",
+                alone >= cur - policy.adapter_margin,
+                f"head alone {alone:.3f} vs current {cur:.3f} - {policy.adapter_margin}",
+            )
+        )
     if "compat_new_old" in report and "compat_old_old" in report:
         new_old, old_old = report["compat_new_old"], report["compat_old_old"]
         checks.append(

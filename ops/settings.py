@@ -112,6 +112,9 @@ class Settings(BaseSettings):
         0.02, ge=0, le=1, description="new-vs-old retrieval accuracy may trail old-vs-old by this much"
     )
     gate_min_holdout: int = Field(4, ge=1, description="fewer held-out examples: the candidate is rejected")
+    gate_adapter_margin: float = Field(
+        0.2, ge=0, le=1, description="the adapter's head alone may trail the current system by this much"
+    )
     gate_policy_overrides: str = Field(
         "", description='per-domain gate overrides as JSON, e.g. {"tenant-a": {"max_nfr": 0.01}}'
     )
@@ -201,6 +204,7 @@ class Settings(BaseSettings):
                 max_ece_increase=self.gate_max_ece_increase,
                 compat_epsilon=self.gate_compat_epsilon,
                 min_holdout=self.gate_min_holdout,
+                adapter_margin=self.gate_adapter_margin,
             ),
             gate_overrides=parse_gate_overrides(self.gate_policy_overrides),
             shadow_share=self.shadow_share,

@@ -130,6 +130,25 @@ class Encoder:
         mask = torch.tensor(np.array([e.attention_mask for e in encs], dtype=np.int64))
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
+    def token_ids(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Each text's token ids, truncated like ``tokenize`` but unpadded: tokenize a data set once,
+        then ``collate`` any batch of it (training reads every example many times)."""
+        encs = self._fast.encode_batch(list(texts))
+        return [np.asarray(e.ids, dtype=np.int64)[np.asarray(e.attention_mask, dtype=bool)] for e in encs]
+
+    def collate(self, rows: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+        """Pad rows of ``token_ids`` to the longest in the batch; pinned, asynchronous copies on GPU."""
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self.tokenizer.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        if self.device.type == "cuda":
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in out.items()}
+        return out
+
     @staticmethod
     def pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = hidden.float()

@@ -154,7 +154,11 @@ def learner(model_path: str, batch: int, steps: int) -> dict:
     return {"samples_per_s": trained.steps * batch / took, "steps": trained.steps, "seconds": took}
 
 
+LEARNER_STEPS = 300  # one run as long as the learner's default (learner_max_steps): setup amortised alike
+
+
 def main() -> None:
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--out", required=True)
@@ -170,7 +174,7 @@ def main() -> None:
         result["serving"]["seq_per_s_two_batches_in_flight"] / result["raw_forward_seq_per_s"]
     )
     result["raw_lora_samples_per_s"] = raw_lora_step(args.model_path, 256, 128, iters=30)
-    result["learner"] = learner(args.model_path, 256, steps=30)
+    result["learner"] = learner(args.model_path, 256, steps=LEARNER_STEPS)
     result["learner_over_raw"] = result["learner"]["samples_per_s"] / result["raw_lora_samples_per_s"]
     (out / "gpu.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -35,6 +35,7 @@ STRICT_GATE = {
     "max_ece_increase": 0.1,
     "compat_epsilon": 0.02,
     "min_holdout": 8,
+    "adapter_margin": 0.1,
 }
 CANARY_INTERVAL_S = 1.0
 CANARY_FAILURE_THRESHOLD = 2
@@ -60,6 +61,7 @@ def stack(tmp_path_factory):
         gate_max_ece_increase=1.0,
         gate_compat_epsilon=1.0,
         gate_min_holdout=1,
+        gate_adapter_margin=1.0,
         gate_policy_overrides=json.dumps({d: STRICT_GATE for d in GATE_DOMAINS}),
         shadow_seconds=1.0,
         canary_weight=0.5,

@@ -307,8 +307,8 @@ def test_bad_candidates_are_blocked_and_good_ones_promoted(stack, registry, cand
         "gate-shape": (placer.place("gate-shape", c.good, tamper=_wrong_shape), "shape_mismatch"),
         "gate-pickle": (placer.place("gate-pickle", c.good, tamper=_pickle_file), "forbidden_file"),
         "gate-hash": (placer.place("gate-hash", c.good, tamper=_tampered), "hash_mismatch"),
-        "gate-flip": (placer.place("gate-flip", c.flipped), "accuracy"),
-        "gate-nfr": (placer.place("gate-nfr", c.regressed), "nfr"),
+        "gate-flip": (placer.place("gate-flip", c.flipped), "adapter"),
+        "gate-nfr": (placer.place("gate-nfr", c.regressed), "adapter"),
     }
     good_report = placer.report("gate-good", good, None)
     reports = {
@@ -320,7 +320,8 @@ def test_bad_candidates_are_blocked_and_good_ones_promoted(stack, registry, cand
         "gate-nfr": placer.report("gate-nfr", bad["gate-nfr"][0], None),
     }
     print("evaluation reports:", json.dumps(reports, indent=1))
-    assert reports["gate-nfr"]["nfr"] > 0.05 and reports["gate-flip"]["holdout_accuracy"] < 0.5
+    # With the memory beside them their served answers may be fine: the heads alone give them away.
+    assert reports["gate-nfr"]["adapter_nfr"] > 0.05 and reports["gate-flip"]["adapter_accuracy"] < 0.5
     gate_text = lambda rng: f"{rng.choice(BILLING + BUG)} {rng.choice(TAILS)}"  # noqa: E731
     with Load(stack.url, ["gate-good", "gate-good-next", *bad], gate_text) as load:
         order = [("gate-nan", None), ("gate-good", None), ("gate-flip", None), ("gate-shape", None)]

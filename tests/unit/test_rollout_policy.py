@@ -16,6 +16,7 @@ GOOD = {
     "current_ece": 0.05,
     "compat_new_old": 0.85,
     "compat_old_old": 0.84,
+    "adapter_accuracy": 0.80,
 }
 
 
@@ -32,6 +33,7 @@ def test_a_better_compatible_candidate_passes():
         "accuracy",
         "nfr",
         "calibration",
+        "adapter",
         "compatibility",
     }
 
@@ -43,6 +45,7 @@ def test_a_better_compatible_candidate_passes():
         ({"nfr": 0.10}, "nfr"),
         ({"ece": 0.30}, "calibration"),
         ({"compat_new_old": 0.70}, "compatibility"),
+        ({"adapter_accuracy": 0.10}, "adapter"),  # e.g. flipped labels that the memory would overrule
     ],
 )
 def test_each_check_blocks_on_its_own(change, check):
