@@ -99,6 +99,16 @@ def lora_targets(model: torch.nn.Module, wanted: Sequence[str]) -> list[str]:
     return list(fallback)
 
 
+def make_optimizer(model, head_params: list, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, list[float]]:
+    """AdamW over the trainable LoRA weights (``cfg.lr``) and the head (``cfg.head_lr``), with the base
+    learning rates the schedule scales."""
+    lora_params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        [{"params": lora_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr}], weight_decay=0.0
+    )
+    return opt, [g["lr"] for g in opt.param_groups]
+
+
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     """Re-warm linearly, then cosine re-decay (continual pre-training recipe, DESIGN.md)."""
     if step < warmup:
@@ -196,12 +206,7 @@ def train_adapter(
     old_target = torch.full_like(y, -100)
     for j, c in enumerate(old_cols.tolist()):
         old_target[y == c] = j
-    lora_params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        [{"params": lora_params, "lr": cfg.lr}, {"params": [head_w, head_b], "lr": cfg.head_lr}],
-        weight_decay=0.0,
-    )
-    base_lrs = [g["lr"] for g in opt.param_groups]
+    opt, base_lrs = make_optimizer(model, [head_w, head_b], cfg)
     n = len(texts)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = min(cfg.max_steps, cfg.epochs * steps_per_epoch)

@@ -37,7 +37,7 @@ from transformers import AutoModel
 
 from learners import artifacts
 from learners.buffer import Example
-from learners.trainer import TrainConfig, TrainedAdapter, _lr_factor, lora_targets
+from learners.trainer import TrainConfig, TrainedAdapter, _lr_factor, lora_targets, make_optimizer
 from serving.artifacts import ADAPTER_DIR, HEAD_FILE, Artifact, load_artifact
 from serving.encoder import Encoder
 from streams.schemas import ArtifactManifest
@@ -173,12 +173,7 @@ def distil(
     head_b = torch.nn.Parameter(bias.float().to(encoder.device))
     soft_t = torch.from_numpy(soft).float().to(encoder.device)
     hard_t = torch.from_numpy(hard).long().to(encoder.device)
-    lora_params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        [{"params": lora_params, "lr": tc.lr}, {"params": [head_w, head_b], "lr": tc.head_lr}],
-        weight_decay=0.0,
-    )
-    base_lrs = [g["lr"] for g in opt.param_groups]
+    opt, base_lrs = make_optimizer(model, [head_w, head_b], tc)
     n = len(texts)
     total = min(tc.max_steps, tc.epochs * math.ceil(n / tc.batch_size))
     warmup = max(1, int(total * tc.warmup_frac))
