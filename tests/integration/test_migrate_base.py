@@ -3,6 +3,7 @@ promoted adapter is transferred, while the replicas go on answering from the old
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from ops.migrate import migrate_base
 from serving.artifacts import load_artifact
 from serving.encoder import model_fingerprint
 from streams.redis_store import MemoryLog, connect
-from streams.registry_store import RegistryStore
+from streams.registry_store import RegistryConflict, RegistryStore
 from tests.conftest import wait_for
 from tests.integration.conftest import BackgroundLoad, send_feedback
 
@@ -39,16 +40,20 @@ def test_migrate_base_while_serving(client, producer, stack, unique, tiny_model_
     served: list[dict] = []
     with BackgroundLoad(stack.url, {"text": TICKETS[0][0], "domain": domain}, served.append) as load:
         send_feedback(producer, stack.settings.feedback_topic, rows)
-        # Promote the learner's first candidate as an operator would (the rollout gate is not under test).
+        # Promote the learner's first candidate as an operator would (the rollout gate is not under test;
+        # the rollout controller may be moving it through shadow and canary, or have promoted it already).
         redis_cfg = stack.settings.redis()
         registry = RegistryStore(connect(redis_cfg), redis_cfg)
+        live = {"candidate", "shadow", "canary", "promoted"}
         candidate = wait_for(
-            lambda: next((r.version for r in registry.versions(domain) if r.state == "candidate"), None),
+            lambda: next((r.version for r in registry.versions(domain) if r.state in live), None),
             180,
             interval=0.2,
             what="a candidate adapter",
         )
-        registry.promote(domain, candidate, actor="test", reason="operator promotion")
+        with contextlib.suppress(RegistryConflict):  # promoted by the controller meanwhile
+            registry.promote(domain, candidate, actor="test", reason="operator promotion")
+        assert registry.active()[domain] == candidate
         wait_for(lambda: served and served[-1]["adapter"] == candidate, 30, interval=0.1, what="it served")
         parent = candidate
         entries_before = client.get("/healthz").json()["memory_entries"]
