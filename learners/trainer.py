@@ -109,6 +109,18 @@ def make_optimizer(model, head_params: list, cfg: TrainConfig) -> tuple[torch.op
     return opt, [g["lr"] for g in opt.param_groups]
 
 
+def optimizer_step(
+    opt: torch.optim.Optimizer, base_lrs: list[float], loss: torch.Tensor, step: int, total: int, warmup: int
+) -> None:
+    """Backward, set this step's scheduled learning rates, update."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    factor = _lr_factor(step, total, warmup)
+    for g, lr in zip(opt.param_groups, base_lrs, strict=True):
+        g["lr"] = lr * factor
+    opt.step()
+
+
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     """Re-warm linearly, then cosine re-decay (continual pre-training recipe, DESIGN.md)."""
     if step < warmup:
@@ -228,12 +240,7 @@ def train_adapter(
                 loss = loss + _compatibility(
                     cfg, logits, emb, idx, old_logits, old_head, old_cols, old_target
                 )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            factor = _lr_factor(step, total, warmup)
-            for g, lr in zip(opt.param_groups, base_lrs, strict=True):
-                g["lr"] = lr * factor
-            opt.step()
+            optimizer_step(opt, base_lrs, loss, step, total, warmup)
             last_loss = loss.detach()  # read once at the end: a per-step .item() stalls the GPU queue
             step += 1
     model.eval()

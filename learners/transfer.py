@@ -37,7 +37,7 @@ from transformers import AutoModel
 
 from learners import artifacts
 from learners.buffer import Example
-from learners.trainer import TrainConfig, TrainedAdapter, _lr_factor, lora_targets, make_optimizer
+from learners.trainer import TrainConfig, TrainedAdapter, lora_targets, make_optimizer, optimizer_step
 from serving.artifacts import ADAPTER_DIR, HEAD_FILE, Artifact, load_artifact
 from serving.encoder import Encoder
 from streams.schemas import ArtifactManifest
@@ -200,16 +200,11 @@ def distil(
                 loss = loss + cfg.ce_weight * torch.nn.functional.cross_entropy(
                     logits[labelled], hard_t[idx][labelled]
                 )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            factor = _lr_factor(step, total, warmup)
-            for g, lr in zip(opt.param_groups, base_lrs, strict=True):
-                g["lr"] = lr * factor
-            opt.step()
-            last = float(loss.detach())
+            optimizer_step(opt, base_lrs, loss, step, total, warmup)
+            last = loss.detach()  # read once at the end: a per-step .item() stalls the GPU queue
             step += 1
     model.eval()
-    return TrainedAdapter(list(labels), model, head_w.data, head_b.data, step, last)
+    return TrainedAdapter(list(labels), model, head_w.data, head_b.data, step, float(last))
 
 
 def _student_probs(encoder: Encoder, trained: TrainedAdapter, texts: Sequence[str]) -> np.ndarray:
