@@ -8,7 +8,6 @@ the modules in place.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import threading
 from collections.abc import Sequence
@@ -18,6 +17,8 @@ from typing import Protocol
 import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
+
+from serving.tokenization import FastTokenizer
 
 _FINGERPRINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
 
@@ -78,10 +79,8 @@ class Encoder:
         self.max_length = max_length
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        # The Rust tokenizer directly: batch-parallel, and no per-call Python padding/truncation work.
-        self._fast = copy.deepcopy(self.tokenizer.backend_tokenizer)
-        self._fast.enable_truncation(max_length)
-        self._fast.enable_padding(pad_id=self.tokenizer.pad_token_id, pad_token=self.tokenizer.pad_token)
+        # The Rust tokenizer directly (batch-parallel, no per-call Python padding/truncation work).
+        self._tok = FastTokenizer(self.tokenizer, max_length)
         # bf16 weights on GPU (serving is inference only; pooling and the outputs stay float32).
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.base_model = AutoModel.from_pretrained(self.model_path, dtype=dtype).to(self.device).eval()
@@ -125,25 +124,20 @@ class Encoder:
     # -- encoding -------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Truncate to ``max_length`` tokens (explicit policy: the tail is dropped); pad to the longest."""
-        encs = self._fast.encode_batch(list(texts))
-        ids = torch.tensor(np.array([e.ids for e in encs], dtype=np.int64))
-        mask = torch.tensor(np.array([e.attention_mask for e in encs], dtype=np.int64))
-        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        ids, mask = self._tok(texts)
+        return {
+            "input_ids": torch.from_numpy(ids).to(self.device),
+            "attention_mask": torch.from_numpy(mask).to(self.device),
+        }
 
     def token_ids(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Each text's token ids, truncated like ``tokenize`` but unpadded: tokenize a data set once,
         then ``collate`` any batch of it (training reads every example many times)."""
-        encs = self._fast.encode_batch(list(texts))
-        return [np.asarray(e.ids, dtype=np.int64)[np.asarray(e.attention_mask, dtype=bool)] for e in encs]
+        return self._tok.token_ids(texts)
 
     def collate(self, rows: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
         """Pad rows of ``token_ids`` to the longest in the batch; pinned, asynchronous copies on GPU."""
-        width = max(len(r) for r in rows)
-        ids = np.full((len(rows), width), self.tokenizer.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = r
-            mask[i, : len(r)] = 1
+        ids, mask = self._tok.pad(rows)
         out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
         if self.device.type == "cuda":
             return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in out.items()}

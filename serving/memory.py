@@ -252,7 +252,7 @@ class InProcessMemory:
         part = np.take_along_axis(sims, idx, axis=1)
         order = np.argsort(-part, axis=1)
         idx = np.take_along_axis(idx, order, axis=1)
-        return np.take_along_axis(part, order, axis=1), [[labels[j] for j in row] for row in idx]
+        return np.take_along_axis(part, order, axis=1), _labels_of(labels, idx)
 
     def _search_device(self, d: _Domain, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
         import torch
@@ -262,8 +262,7 @@ class InProcessMemory:
         sims = q @ keys.T
         sims.masked_fill_(~alive, float("-inf"))
         top, idx = torch.topk(sims, min(k, d.live), dim=1)
-        idx_np = idx.cpu().numpy()
-        return top.cpu().numpy(), [[d.labels[j] for j in row] for row in idx_np]
+        return top.cpu().numpy(), _labels_of(d.labels, idx.cpu().numpy())
 
     def class_means(self, domain: str) -> tuple[list[str], np.ndarray]:
         """Labels and unit-norm class means for the nearest-class-mean head."""
@@ -298,6 +297,13 @@ class InProcessMemory:
     def __len__(self) -> int:
         with self._lock:
             return sum(d.live for d in self._domains.values())
+
+
+def _labels_of(labels: list[str], idx: np.ndarray) -> list[list[str]]:
+    """The label of each index, row by row (``map`` over plain ints: a few times faster than indexing
+    a Python list with numpy scalars)."""
+    get = labels.__getitem__
+    return [list(map(get, row)) for row in idx.tolist()]
 
 
 def make_memory(kind: str, dim: int, device: str | None = None) -> InProcessMemory:

@@ -40,6 +40,7 @@ import numpy as np
 from serving.artifacts import sha256_file
 from serving.encoder import model_fingerprint, resolve_model_path
 from serving.errors import ServingError
+from serving.tokenization import FastTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ class OnnxEncoder:
         self.tolerance = tolerance
         self.intra_op_threads = intra_op_threads
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self._tok = FastTokenizer(self.tokenizer, max_length)
         self.fingerprint = model_fingerprint(self.model_path)
         self.dim = int(AutoConfig.from_pretrained(self.model_path).hidden_size)
         self.input_names = [n for n in _INPUTS if n in self.tokenizer.model_input_names]
@@ -158,10 +160,9 @@ class OnnxEncoder:
 
     # -- encoding -------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
-        )
-        return {name: np.asarray(batch[name], dtype=np.int64) for name in self.input_names}
+        ids, mask = self._tok(texts)  # single texts: token type 0 throughout, as the tokenizer gives
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        return {name: feeds[name] for name in self.input_names}
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         return self._encode_with(self.session, texts)

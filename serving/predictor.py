@@ -403,11 +403,10 @@ class Predictor:
             sims, neighbour_labels = sims[:, : self.comp.k], [row[: self.comp.k] for row in neighbour_labels]
             if sims.shape[1]:
                 index = {lab: i for i, lab in enumerate(vocab)}
-                for row in neighbour_labels:
-                    for lab in row:
-                        if lab not in index:  # a label the head does not know yet (open label set)
-                            index[lab] = len(vocab)
-                            vocab.append(lab)
+                seen = {lab for row in neighbour_labels for lab in row}
+                for lab in sorted(seen.difference(index)):  # labels the head does not know yet (open set)
+                    index[lab] = len(vocab)
+                    vocab.append(lab)
                 if probs.shape[1] < len(vocab):
                     probs = np.pad(probs, ((0, 0), (0, len(vocab) - probs.shape[1])))
                 label_idx = np.array([[index[lab] for lab in row] for row in neighbour_labels])

@@ -136,11 +136,10 @@ class FeedbackScorer:
             top = np.where(np.isfinite(s[:, :1]), s[:, :1], 0.0)
             w = np.where(np.isfinite(s), np.exp((s - top) / self.cfg.knn_tau), 0.0)
             w /= np.clip(w.sum(axis=1, keepdims=True), 1e-12, None)
-            for i, row in enumerate(neighbour_labels):
-                for j, lab in enumerate(row[:k]):
-                    col = st.index.get(lab)
-                    if col is not None:
-                        out[0, i, col] += w[i, j]
+            get = st.index.get
+            cols = np.array([[get(lab, -1) for lab in row[:k]] for row in neighbour_labels], dtype=np.int64)
+            rows, js = np.nonzero(cols >= 0)
+            np.add.at(out[0], (rows, cols[rows, js]), w[rows, js])
         known = [(st.index[lab], j) for j, lab in enumerate(class_labels) if lab in st.index]
         if known:
             cols, rows = zip(*known, strict=True)

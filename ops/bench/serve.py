@@ -119,27 +119,52 @@ def capacity(levels: list[dict[str, Any]], budget_ms: float) -> float:
 
 
 def seed_memory(base_url: str, settings: Settings, entries: int, domains: int = 4) -> None:
-    """Fill the error memory through the real feedback path (Kafka -> memory writer)."""
-    from kafka import KafkaProducer
+    """Fill the error memory through the real feedback path (Kafka -> memory writer), and return once the
+    writer has committed every seeded event: a writer still busy would take CPU from whatever is measured
+    next. Event ids are new each run (the embedded Redis keeps its data between runs)."""
+    import uuid
 
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+    from serving.feedback_writer import GROUP_ROLE as WRITER_ROLE
+
+    run = uuid.uuid4().hex[:8]
+    with httpx.Client(base_url=base_url, timeout=30) as c:
+        before = max(c.get("/healthz").json()["memory_entries"] for _ in range(4))
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=20)
     texts = _texts(entries, seed=5)
+    sent = []
     for i, text in enumerate(texts):
         event = {
-            "event_id": f"bench-serve-{i}",
+            "event_id": f"bench-serve-{run}-{i}",
             "text": text,
             "label": f"l{i % 5}",
             "domain": f"dom{i % domains}",
         }
-        producer.send(settings.feedback_topic, value=json.dumps(event).encode())
+        sent.append(producer.send(settings.feedback_topic, value=json.dumps(event).encode()))
     producer.flush()
+    ends: dict[TopicPartition, int] = {}
+    for future in sent:
+        md = future.get(timeout=60)
+        tp = TopicPartition(md.topic, md.partition)
+        ends[tp] = max(ends.get(tp, 0), md.offset + 1)
     producer.close()
-    with httpx.Client(base_url=base_url, timeout=30) as c:
-        deadline = time.monotonic() + 1800
-        while time.monotonic() < deadline:
-            if min(c.get("/healthz").json()["memory_entries"] for _ in range(4)) >= entries:
-                return
-            time.sleep(1.0)
+    kafka = settings.kafka()
+    probe = KafkaConsumer(
+        **kafka.client_kwargs(), group_id=kafka.group(WRITER_ROLE), enable_auto_commit=False
+    )
+    try:
+        with httpx.Client(base_url=base_url, timeout=30) as c:
+            deadline = time.monotonic() + 1800
+            while time.monotonic() < deadline:
+                committed = all((probe.committed(tp) or 0) >= end for tp, end in ends.items())
+                if committed and min(c.get("/healthz").json()["memory_entries"] for _ in range(4)) >= (
+                    before + entries
+                ):
+                    return
+                time.sleep(1.0)
+    finally:
+        probe.close()
     raise TimeoutError("the memory writer did not apply the seed entries in time")
 
 
@@ -147,7 +172,7 @@ def run(
     settings: Settings,
     out: Path,
     *,
-    levels: tuple[int, ...] = (1, 2, 4, 8, 16, 32),
+    levels: tuple[int, ...] = (1, 2, 4, 6, 8, 12, 16, 24, 32),
     duration_s: float = 15.0,
     memory_entries: int = 2000,
     p99_budget_ms: float = 100.0,
