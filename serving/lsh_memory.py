@@ -10,7 +10,9 @@ Index, per domain of at least ``exact_below`` live entries:
 
 - ``tables`` x 16 random hyperplanes through the domain's mean key (keys of one domain share a large
   common component; centring makes every bit split the domain instead of putting it on one side). The
-  planes are a pure function of (dim, tables), the same on every replica;
+  planes are a pure function of (dim, tables), the same on every replica; the centre, and when rows are
+  merged, follow the batches a replica happened to read, so two replicas may propose different
+  candidates for a query (as two HNSW graphs do); both re-rank them exactly;
 - per table, every indexed row's 16-bit code, sorted (one flat ``uint32`` array of
   ``table << 16 | code`` and the matching rows). Sorting by the whole code sorts by every prefix at
   once, so the rows next to a query's position share the longest code prefixes with it (LSH forest,
@@ -237,7 +239,7 @@ class LshMemory(InProcessMemory):
                 return
             forest = replace(forest, dead=forest.dead + in_index)
             self._forests[domain] = forest
-        if forest.dead > forest.members // 2:
+        if 2 * forest.dead >= forest.members:
             self._build(domain, d, size)  # tombstones crowd the windows out: drop them
 
     # -- reads (request threads) -----------------------------------------------------------------------
