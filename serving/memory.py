@@ -3,8 +3,8 @@
 Holds every labelled entry of the serving base model per domain as a dense float32 matrix (embeddings are
 unit-norm, so a dot product is the cosine similarity) plus running class sums, which give the
 nearest-class-mean head used for a domain that has no trained adapter yet. Brute-force top-K is exact and
-cheap up to ~1e5 entries per domain; ``serving.ann_memory`` (HNSW) and ``serving.lsh_memory`` (LSH forest)
-add an index behind the same interface.
+cheap up to ~1e5 entries per domain; ``serving.ann_memory`` (HNSW) and ``serving.ivf_memory`` (inverted
+file) add an index behind the same interface.
 """
 
 from __future__ import annotations
@@ -304,16 +304,16 @@ class InProcessMemory:
 def make_memory(kind: str, dim: int, device: str | None = None) -> InProcessMemory:
     """The replica's memory index chosen by settings: ``"exact"`` (brute force per domain), ``"ann"``
     (the same, plus an HNSW index for domains of 20k entries or more; see ``serving.ann_memory``) or
-    ``"lsh"`` (the same, plus an LSH forest whose candidates are re-ranked exactly: a lookup touches a
-    bounded number of rows at any size; see ``serving.lsh_memory``)."""
+    ``"ivf"`` (the same, plus an inverted file whose pool is narrowed by SimHash and re-ranked exactly: a
+    lookup touches a bounded number of rows at any size; see ``serving.ivf_memory``)."""
     if kind == "exact":
         return InProcessMemory(dim, device=device)
     if kind == "ann":
         from serving.ann_memory import AnnMemory  # imported on demand: usearch is needed only here
 
         return AnnMemory(dim, device=device)
-    if kind == "lsh":
-        from serving.lsh_memory import LshMemory
+    if kind == "ivf":
+        from serving.ivf_memory import IvfMemory
 
-        return LshMemory(dim, device=device)
-    raise ValueError(f"memory index must be 'exact', 'ann' or 'lsh', got {kind!r}")
+        return IvfMemory(dim, device=device)
+    raise ValueError(f"memory index must be 'exact', 'ann' or 'ivf', got {kind!r}")

@@ -1,6 +1,7 @@
 """``driftserve bench memory``: error-memory lookup latency from 1k to 1M entries, exact vs ANN (HNSW) vs
-the LSH forest with exact re-ranking (lsh), the cost of compensation relative to the model's forward
-pass, and how far each kind's compensated outcome agrees with exact search, all in the same run.
+an inverted file with SimHash pre-ranking and exact re-ranking (ivf), the cost of compensation relative
+to the model's forward pass, and how far each kind's compensated outcome agrees with exact search, all in
+the same run.
 
 - data: clustered unit vectors of the encoder's width (384) with a low-dimensional structure, like
   sentence embeddings (a query's nearest neighbours at cosine ~0.85, its 32nd at ~0.75), one domain,
@@ -8,7 +9,7 @@ pass, and how far each kind's compensated outcome agrees with exact search, all 
 - lookup: ``memory.search(domain, query, k=32)`` on one thread, p50/p99 over the queries;
 - overhead: ``search`` + ``serving.compensator.compensate`` for one request, as a share of the bundled
   MiniLM's forward pass for one text (``serving.encoder.Encoder().encode([text])``);
-- recall@k of the ANN and LSH memories against exact search, by similarity (a returned neighbour counts
+- recall@k of the ANN and IVF memories against exact search, by similarity (a returned neighbour counts
   when its exact cosine reaches the k-th exact one), and a small sweep of the HNSW search width at the
   largest size;
 - interleaved lookups: each kind's memory at the smallest size stays alive and every query at a larger
@@ -20,7 +21,7 @@ pass, and how far each kind's compensated outcome agrees with exact search, all 
   variation distance from exact's compensated distribution; the same agreement on fresh queries.
 
 Usage: python -m ops.bench.memory --out DIR [--sizes 1000,10000,100000,1000000] [--queries 300]
-       [--kinds exact,ann,lsh]
+       [--kinds exact,ann,ivf]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import numpy as np
 
 from serving.ann_memory import AnnMemory
 from serving.compensator import CompensationConfig, compensate
-from serving.lsh_memory import LshMemory
+from serving.ivf_memory import SKETCH_BITS, IvfMemory
 from serving.memory import InProcessMemory, make_memory
 from streams.redis_store import MemoryEntry
 
@@ -49,7 +50,7 @@ DOMAIN = "bench"
 OVERHEAD_TARGET_PCT = 10.0
 RATIO_TARGET = 3.0
 SHORT_TEXT = "the battery died after two days and support never answered my emails about a replacement"
-KINDS = ["exact", "ann", "lsh"]
+KINDS = ["exact", "ann", "ivf"]
 SWEEP = [(32, 32), (48, 48), (64, 64), (128, 96)]  # (expansion_search, candidates); the default is 64/64
 
 
@@ -311,8 +312,8 @@ def run(
                                 "recall_at_32": _recall(s_found, truth),
                             }
                         )
-            elif isinstance(mem, LshMemory):
-                res["path"] = "lsh forest" if mem.indexed_domains() else "exact (below the index threshold)"
+            elif isinstance(mem, IvfMemory):
+                res["path"] = "ivf" if mem.indexed_domains() else "exact (below the index threshold)"
                 res["recall_at_32"] = _recall(found[:n_exact], truth)
                 res["memory_bytes"] = mem.memory_bytes()
             row[kind] = res
@@ -356,7 +357,7 @@ def run(
                 "candidates": 64,
                 "exact_below": 20_000,
             },
-            "lsh": _lsh_config(),
+            "ivf": _ivf_config(),
         },
         "model": model,
         "sizes": rows,
@@ -369,8 +370,8 @@ def run(
             else None,
             "overhead_target_pct": OVERHEAD_TARGET_PCT,
             "ratio_ann": ratio.get("ann"),
-            "ratio_lsh": ratio.get("lsh"),
-            "ratio_lsh_interleaved": interleaved.get("lsh"),
+            "ratio_ivf": ratio.get("ivf"),
+            "ratio_ivf_interleaved": interleaved.get("ivf"),
             "ratio_target": RATIO_TARGET,
         },
         "wall_s": time.time() - started,
@@ -381,22 +382,24 @@ def run(
     return result
 
 
-def _lsh_config() -> dict[str, int]:
-    mem = LshMemory(DIM)
+def _ivf_config() -> dict[str, Any]:
+    mem = IvfMemory(DIM)
     return {
-        "tables": mem.tables,
-        "bits": 16,
-        "window": mem.window,
+        "lists": "sqrt(entries)",
+        "pool": mem.pool,
+        "max_probes": mem.max_probes,
+        "sketch_bits": SKETCH_BITS,
         "candidates": mem.candidates,
         "exact_below": mem.exact_below,
         "max_delta": mem.max_delta,
+        "kmeans_iterations": mem.kmeans_iterations,
     }
 
 
 def _markdown(r: dict[str, Any]) -> str:
     m = r["model"]["start"]
     kinds = r["config"]["kinds"]
-    lsh = r["config"]["lsh"]
+    ivf = r["config"]["ivf"]
     lines = [
         "# Error-memory lookup benchmark",
         "",
@@ -404,9 +407,9 @@ def _markdown(r: dict[str, Any]) -> str:
         "at start, "
         f"{r['machine']['loadavg_end'][0]:.1f} at end. Dim {r['config']['dim']}, k={r['config']['k']}, "
         f"{r['config']['queries']} queries. ANN: usearch HNSW (int8, M=16, ef=64, 64 candidates re-scored "
-        f"exactly), exact scan below 20k entries per domain. LSH: forest of {lsh['tables']} tables x "
-        f"{lsh['bits']} bits, {lsh['window']} rows either side of the query per table, {lsh['candidates']} "
-        f"by Hamming distance re-scored exactly; exact scan below {lsh['exact_below']} entries.",
+        f"exactly), exact scan below 20k entries per domain. IVF: sqrt(entries) k-means lists probed "
+        f"until {ivf['pool']} rows, the {ivf['candidates']} nearest by {ivf['sketch_bits']}-bit SimHash "
+        f"re-scored exactly; exact scan below {ivf['exact_below']} entries.",
         "",
         f"Model time (MiniLM, CPU, one text, p50 at start / end): {m['short']['p50_us'] / 1000:.2f} / "
         f"{r['model']['end']['short']['p50_us'] / 1000:.2f} ms for {m['short']['tokens']} tokens "
@@ -484,7 +487,7 @@ def _plot(r: dict[str, Any], path: Path) -> None:
 
     ns = [row["n"] for row in r["sizes"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = {"exact": "tab:red", "ann": "tab:blue", "lsh": "tab:green"}
+    colours = {"exact": "tab:red", "ann": "tab:blue", "ivf": "tab:green"}
     for kind in r["config"]["kinds"]:
         colour = colours[kind]
         p50 = [row[kind]["lookup"]["p50_us"] for row in r["sizes"]]
