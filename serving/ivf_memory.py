@@ -305,9 +305,11 @@ class IvfMemory(InProcessMemory):
             best = np.arange(lists) if self.max_probes >= lists else np.argpartition(-score, self.max_probes)
             best = best[: self.max_probes]
             best = best[np.argsort(-score[best])]  # the nearest lists first
-            lo, hi = index.starts[best], index.starts[best + 1]
-            taken = np.searchsorted(np.cumsum(hi - lo), self.pool) + 1  # lists until the pool is full
-            at = np.concatenate([np.arange(a, b) for a, b in zip(lo[:taken], hi[:taken], strict=True)])
+            lo, lengths = index.starts[best], index.starts[best + 1] - index.starts[best]
+            ends = np.cumsum(lengths)
+            taken = np.searchsorted(ends, self.pool) + 1  # lists until the pool is full
+            lo, lengths, ends = lo[:taken], lengths[:taken], ends[:taken]
+            at = np.arange(ends[-1]) + np.repeat(lo - (ends - lengths), lengths)  # positions, list by list
             rows = index.sorted_rows[at]
             keep = alive[rows]  # a forgotten entry is never a candidate
             rows = rows[keep]
