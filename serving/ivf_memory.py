@@ -25,10 +25,10 @@ Index, per domain of at least ``exact_below`` live entries:
   the pool nearest to the query by Hamming distance (an estimate of the angle read from 32 bytes per
   row) and scores those exactly against the float32 keys.
 
-A lookup therefore reads about ``pool`` codes and ``candidates`` keys whatever the domain holds; only
-the centroid scan grows, as sqrt(entries) (1,000 centroids at 1M entries). Below ``exact_below`` live
-entries (default ``candidates``: the whole domain is no more than one lookup's re-ranked rows) a domain
-is scanned exactly.
+A lookup therefore reads about ``pool`` codes (2,048 by default) and ``candidates`` keys (256) whatever
+the domain holds; only the centroid scan grows, as sqrt(entries) (1,000 centroids at 1M entries).
+Below ``exact_below`` live entries (default ``candidates``: the whole domain is no more than one
+lookup's re-ranked rows) a domain is scanned exactly.
 
 Writes: rows appended since the last merge (at most ``max_delta``) are scanned exactly, so an entry is
 searchable as soon as ``add`` returns; the writer then assigns them to their lists, hashes them and
@@ -100,7 +100,7 @@ class IvfMemory(InProcessMemory):
         dim: int,
         *,
         device: str | None = None,
-        pool: int = 3072,
+        pool: int = 2048,
         max_probes: int = 64,
         candidates: int = 256,
         exact_below: int | None = None,
@@ -294,6 +294,7 @@ class IvfMemory(InProcessMemory):
             if live < size:
                 all_sims[:, ~alive[:size]] = -np.inf
             return [_top(sims, None, k, labels) for sims in all_sims]
+        deleted = live < size  # no row of this snapshot was ever deleted: nothing to filter
         tail = np.arange(index.indexed, size)  # appended, not merged yet: scanned exactly
         tail = tail[alive[tail]]
         lists = index.centroids.shape[0]
@@ -311,10 +312,11 @@ class IvfMemory(InProcessMemory):
             lo, lengths, ends = lo[:taken], lengths[:taken], ends[:taken]
             at = np.arange(ends[-1]) + np.repeat(lo - (ends - lengths), lengths)  # positions, list by list
             rows = index.sorted_rows[at]
-            keep = alive[rows]  # a forgotten entry is never a candidate
-            rows = rows[keep]
+            if deleted:
+                keep = alive[rows]  # a forgotten entry is never a candidate
+                rows, at = rows[keep], at[keep]
             if rows.size > self.candidates:
-                diff = index.sorted_codes[at[keep]]
+                diff = index.sorted_codes[at]
                 np.bitwise_xor(diff, qc, out=diff)
                 hamming = np.bitwise_count(diff).astype(np.float32) @ ones  # a BLAS row sum: fastest here
                 rows = rows[np.argpartition(hamming, self.candidates - 1)[: self.candidates]]
