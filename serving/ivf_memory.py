@@ -39,6 +39,13 @@ Deletions: the base class clears the row's ``alive`` flag under the lock, and ev
 non-alive rows, so a forgotten entry is never returned from that moment; tombstones leave the arrays at
 the next rebuild (when they reach half the indexed rows).
 
+Measured (``ops.bench.memory``, one run, 2 shared cores, 1M clustered keys of dim 384, k=32): lookup
+p50 71 µs at 1k entries and 211 µs at 1M (2.97x; 2.24x when the two are timed interleaved), recall@32
+0.90, the compensated argmax agreeing with exact search on 98% of near-duplicate queries (HNSW: 98%)
+and 94% of fresh ones, 40 s to build, 42 MB of index. HNSW's lookup at 1M is the same (212 µs) with
+higher recall (0.998) but a 181 s build and 800 MB of graph. Taking the index path from 256 entries
+makes small domains slower than a scan (30 µs at 1k): the price of a flat cost curve.
+
 Concurrency: one writer (the sync thread), many readers (request threads), as in ``AnnMemory``.
 ``_write_lock`` serialises writers; ``_lock`` (the base class's) is held only for snapshots. An
 ``_Index`` is immutable once published, and rows below a snapshot's ``size`` never change (deletions
