@@ -325,6 +325,7 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-every", type=int, default=50, help="probe every Nth event (feedback)")
     parser.add_argument("--ingest-events", type=int, default=2000, help="burst size (feedback)")
     parser.add_argument("--sizes", default="1000,10000,100000,1000000", help="memory sizes (memory)")
+    parser.add_argument("--kinds", default="exact,ann,ivf", help="memory kinds to compare (memory)")
     parser.add_argument("--start", type=int, default=0, help="events skipped before the history (transfer)")
     parser.add_argument("--history", type=int, default=8000, help="events before the migration (transfer)")
     parser.add_argument("--evaluate", type=int, default=4000, help="events replayed after it (transfer)")
@@ -378,7 +379,8 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.name == "memory":
         from ops.bench import memory
 
-        memory.run(out, [int(x) for x in args.sizes.split(",")])
+        memory.run(out, [int(x) for x in args.sizes.split(",")], kinds=args.kinds.split(","))
+        print((out / "memory.md").read_text())
         return 0
     if args.name == "transfer":
         return _bench_transfer(args, settings, out)

@@ -75,8 +75,11 @@ class Settings(BaseSettings):
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="how long a batch waits to fill")
     adapter_cache_size: int = Field(16, ge=1, description="LoRA adapters kept loaded per replica (LRU)")
     adapter_pinned_domains: str = Field("", description="comma-separated domains never evicted")
-    memory_index: Literal["exact", "ann"] = Field(
-        "exact", description="error-memory search: exact, or an HNSW index for domains of 20k+ entries"
+    memory_index: Literal["exact", "ann", "ivf"] = Field(
+        "exact",
+        description="error-memory search: exact, an HNSW index for domains of 20k+ entries, or an "
+        "inverted file whose pool is narrowed by SimHash and re-ranked exactly (ivf: bounded cost per "
+        "lookup at any size)",
     )
     runtime: Literal["torch", "onnx"] = Field(
         "onnx",

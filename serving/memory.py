@@ -3,7 +3,8 @@
 Holds every labelled entry of the serving base model per domain as a dense float32 matrix (embeddings are
 unit-norm, so a dot product is the cosine similarity) plus running class sums, which give the
 nearest-class-mean head used for a domain that has no trained adapter yet. Brute-force top-K is exact and
-cheap up to ~1e5 entries per domain; an ANN index is the later replacement behind the same interface.
+cheap up to ~1e5 entries per domain; ``serving.ann_memory`` (HNSW) and ``serving.ivf_memory`` (inverted
+file) add an index behind the same interface.
 """
 
 from __future__ import annotations
@@ -307,12 +308,18 @@ def _labels_of(labels: list[str], idx: np.ndarray) -> list[list[str]]:
 
 
 def make_memory(kind: str, dim: int, device: str | None = None) -> InProcessMemory:
-    """The replica's memory index chosen by settings: ``"exact"`` (brute force per domain) or ``"ann"``
-    (the same, plus an HNSW index for domains of 20k entries or more; see ``serving.ann_memory``)."""
+    """The replica's memory index chosen by settings: ``"exact"`` (brute force per domain), ``"ann"``
+    (the same, plus an HNSW index for domains of 20k entries or more; see ``serving.ann_memory``) or
+    ``"ivf"`` (the same, plus an inverted file whose pool is narrowed by SimHash and re-ranked exactly: a
+    lookup touches a bounded number of rows at any size; see ``serving.ivf_memory``)."""
     if kind == "exact":
         return InProcessMemory(dim, device=device)
     if kind == "ann":
         from serving.ann_memory import AnnMemory  # imported on demand: usearch is needed only here
 
         return AnnMemory(dim, device=device)
-    raise ValueError(f"memory index must be 'exact' or 'ann', got {kind!r}")
+    if kind == "ivf":
+        from serving.ivf_memory import IvfMemory
+
+        return IvfMemory(dim, device=device)
+    raise ValueError(f"memory index must be 'exact', 'ann' or 'ivf', got {kind!r}")

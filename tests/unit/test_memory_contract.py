@@ -3,7 +3,10 @@ gets the whole suite by adding itself to ``KINDS``.
 
 ``ann-indexed`` is ``AnnMemory`` with an index from the first entry, so the approximate path (HNSW
 candidates, exact re-scoring, tombstones, rows not yet indexed) runs on the small cases as well;
-``ann`` is the default configuration, which scans small domains exactly.
+``ann`` is the default configuration, which scans small domains exactly. ``ivf-indexed`` is
+``IvfMemory`` with lists from the first entry and merges every few rows, so its approximate path (lists,
+Hamming pre-ranking, exact re-ranking, tombstones, rows not yet merged) runs on the small cases too;
+``ivf`` is its default configuration.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import numpy as np
 import pytest
 
 from serving.ann_memory import AnnMemory
+from serving.ivf_memory import IvfMemory
 from serving.memory import InProcessMemory, make_memory
 from streams.redis_store import Deletion, MemoryEntry
 
-KINDS = ["exact", "ann", "ann-indexed"]
+KINDS = ["exact", "ann", "ann-indexed", "ivf", "ivf-indexed"]
 
 
 def _memory(kind: str, dim: int, exact_below: int | None = None) -> InProcessMemory:
@@ -25,6 +29,10 @@ def _memory(kind: str, dim: int, exact_below: int | None = None) -> InProcessMem
         return AnnMemory(dim, exact_below=exact_below or 1)
     if kind == "ann" and exact_below is not None:
         return AnnMemory(dim, exact_below=exact_below)
+    if kind == "ivf-indexed":
+        return IvfMemory(dim, exact_below=exact_below or 1, pool=200, candidates=64, max_delta=7)
+    if kind == "ivf" and exact_below is not None:
+        return IvfMemory(dim, exact_below=exact_below)
     return make_memory(kind, dim)
 
 
@@ -55,10 +63,11 @@ def kind(request) -> str:
 
 
 def test_make_memory_rejects_unknown_kinds():
-    with pytest.raises(ValueError, match="'exact' or 'ann'"):
-        make_memory("lsh", 4)
+    with pytest.raises(ValueError, match="'exact', 'ann' or 'ivf'"):
+        make_memory("faiss", 4)
     assert type(make_memory("exact", 4)) is InProcessMemory
     assert isinstance(make_memory("ann", 4), AnnMemory)
+    assert isinstance(make_memory("ivf", 4), IvfMemory)
 
 
 def test_search_returns_nearest_first_within_domain(kind):
@@ -179,9 +188,9 @@ def test_batch_search_matches_single_search(kind):
 def test_one_writer_and_concurrent_readers(kind):
     """The sync thread appends and deletes while request threads search: no errors, sorted results, and
     the final state is exactly what the writer did. ``exact_below=500`` makes ``ann`` cross into the
-    index while readers run."""
+    index while readers run (and ``ivf`` into its lists)."""
     dim = 8
-    mem = _memory(kind, dim=dim, exact_below=500 if kind.startswith("ann") else None)
+    mem = _memory(kind, dim=dim, exact_below=500 if kind in ("ann", "ann-indexed", "ivf") else None)
     data = clustered(2500, dim, seed=4)
     errors: list[BaseException] = []
     done = threading.Event()
@@ -227,7 +236,7 @@ def test_one_writer_and_concurrent_readers(kind):
         assert not deleted & set(labels)
         if f"e{i}" not in deleted:
             assert labels[0] == f"e{i}" and sims[0] == pytest.approx(1.0, abs=1e-5)
-    if isinstance(mem, AnnMemory):
+    if isinstance(mem, AnnMemory | IvfMemory):
         assert mem.indexed_domains() == ["d"]
 
 
