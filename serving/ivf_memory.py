@@ -65,7 +65,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from serving.memory import InProcessMemory, _Domain
+from serving.memory import IndexedMemory, _Domain
 from streams.redis_store import MemoryEntry
 
 SKETCH_BITS = 256  # SimHash bits per row: four uint64 words
@@ -99,7 +99,7 @@ class _Index:
         return int(self.sorted_rows.shape[0])
 
 
-class IvfMemory(InProcessMemory):
+class IvfMemory(IndexedMemory):
     """``InProcessMemory`` with an inverted file per domain of at least ``exact_below`` live entries."""
 
     def __init__(
@@ -262,29 +262,6 @@ class IvfMemory(InProcessMemory):
             self._build(domain, d, size)  # tombstones crowd the pool out: drop them
 
     # -- reads (request threads) -----------------------------------------------------------------------
-    def search(self, domain: str, query: np.ndarray, k: int) -> tuple[np.ndarray, list[str]]:
-        """Top-``k`` cosine similarities (descending) and their labels within ``domain``."""
-        return self._search(domain, np.asarray(query, dtype=np.float32).reshape(1, -1), k)[0]
-
-    def search_batch(self, domain: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
-        """``search`` for many queries: sims (n, k') descending, labels per row.
-
-        An approximate search may find fewer than ``k'`` live neighbours for a row; such a row is padded
-        with similarity ``-inf`` (weight 0 in ``compensate_batch``) and a repeat of a real label, so the
-        result stays rectangular.
-        """
-        q = np.asarray(queries, dtype=np.float32)
-        if self.device is not None and domain not in self.indexed_domains():
-            return super().search_batch(domain, q, k)  # exact, on the accelerator's mirror of the keys
-        results = self._search(domain, q.reshape(q.shape[0], -1), k)
-        width = max((len(labels) for _, labels in results), default=0)
-        sims = np.full((len(results), width), -np.inf, dtype=np.float32)
-        filler = next((labels[0] for _, labels in results if labels), "")
-        out_labels = []
-        for i, (row_sims, labels) in enumerate(results):
-            sims[i, : len(labels)] = row_sims
-            out_labels.append(labels + [labels[-1] if labels else filler] * (width - len(labels)))
-        return sims, out_labels
 
     def _search(self, domain: str, queries: np.ndarray, k: int) -> list[tuple[np.ndarray, list[str]]]:
         empty: tuple[np.ndarray, list[str]] = (np.zeros(0, dtype=np.float32), [])

@@ -300,6 +300,41 @@ class InProcessMemory:
             return sum(d.live for d in self._domains.values())
 
 
+class IndexedMemory(InProcessMemory):
+    """Base of the approximate kinds: they answer each query from their own index (``_search``, one
+    (sims, labels) pair per query) for the domains in ``indexed_domains()``, exactly below that."""
+
+    def search(self, domain: str, query: np.ndarray, k: int) -> tuple[np.ndarray, list[str]]:
+        """Top-``k`` cosine similarities (descending) and their labels within ``domain``."""
+        return self._search(domain, np.asarray(query, dtype=np.float32).reshape(1, -1), k)[0]
+
+    def search_batch(self, domain: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+        """``search`` for many queries: sims (n, k') descending, labels per row.
+
+        An approximate search may find fewer than ``k'`` live neighbours for a row; such a row is padded
+        with similarity ``-inf`` (weight 0 in ``compensate_batch``) and a repeat of a real label, so the
+        result stays rectangular.
+        """
+        q = np.asarray(queries, dtype=np.float32)
+        if self.device is not None and domain not in self.indexed_domains():
+            return super().search_batch(domain, q, k)  # exact, on the accelerator's mirror of the keys
+        results = self._search(domain, q.reshape(q.shape[0], -1), k)
+        width = max((len(labels) for _, labels in results), default=0)
+        sims = np.full((len(results), width), -np.inf, dtype=np.float32)
+        filler = next((labels[0] for _, labels in results if labels), "")
+        out_labels = []
+        for i, (row_sims, labels) in enumerate(results):
+            sims[i, : len(labels)] = row_sims
+            out_labels.append(labels + [labels[-1] if labels else filler] * (width - len(labels)))
+        return sims, out_labels
+
+    def _search(self, domain: str, queries: np.ndarray, k: int) -> list[tuple[np.ndarray, list[str]]]:
+        raise NotImplementedError
+
+    def indexed_domains(self) -> list[str]:
+        raise NotImplementedError
+
+
 def _labels_of(labels: list[str], idx: np.ndarray) -> list[list[str]]:
     """The label of each index, row by row (``map`` over plain ints: a few times faster than indexing
     a Python list with numpy scalars)."""
