@@ -46,6 +46,15 @@ def _reference(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray
     return batch["input_ids"].astype(np.int64), batch["attention_mask"].astype(np.int64)
 
 
+def _assert_same_in_chunks(fast, tokenizer, texts: list[str], max_length: int, chunk: int) -> None:
+    for start in range(0, len(texts), chunk):
+        part = texts[start : start + chunk]
+        ids, mask = fast(part)
+        ref_ids, ref_mask = _reference(tokenizer, part, max_length)
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_array_equal(mask, ref_mask)
+
+
 @pytest.mark.parametrize("max_length", [16, 128])
 def test_edge_cases_match_the_hugging_face_tokenizer(max_length):
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
@@ -65,13 +74,7 @@ def test_edge_cases_match_the_hugging_face_tokenizer(max_length):
 def test_shipped_streams_match_the_hugging_face_tokenizer(stream):
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     fast = FastTokenizer(tokenizer, 128)
-    texts = _stream_texts(stream, 600)
-    for start in range(0, len(texts), 100):
-        chunk = texts[start : start + 100]
-        ids, mask = fast(chunk)
-        ref_ids, ref_mask = _reference(tokenizer, chunk, 128)
-        np.testing.assert_array_equal(ids, ref_ids)
-        np.testing.assert_array_equal(mask, ref_mask)
+    _assert_same_in_chunks(fast, tokenizer, _stream_texts(stream, 600), 128, chunk=100)
 
 
 def test_demo_data_and_random_mixed_texts_match_the_hugging_face_tokenizer():
@@ -95,12 +98,7 @@ def test_demo_data_and_random_mixed_texts_match_the_hugging_face_tokenizer():
         "12,345",
     ]
     texts += [" ".join(rng.choice(pieces, size=int(rng.integers(1, 120)))) for _ in range(200)]
-    for start in range(0, len(texts), 64):
-        chunk = texts[start : start + 64]
-        ids, mask = fast(chunk)
-        ref_ids, ref_mask = _reference(tokenizer, chunk, 48)
-        np.testing.assert_array_equal(ids, ref_ids)
-        np.testing.assert_array_equal(mask, ref_mask)
+    _assert_same_in_chunks(fast, tokenizer, texts, 48, chunk=64)
 
 
 def test_word_prefix_cuts_long_texts_and_retries_when_the_prefix_falls_short():
