@@ -124,7 +124,12 @@ class Settings(BaseSettings):
     canary_interval_s: float = Field(30.0, gt=0, description="analysis interval")
     canary_passes: int = Field(3, ge=1, description="passing intervals before promotion")
     canary_failure_threshold: int = Field(2, ge=1, description="failing intervals before rollback")
-    canary_min_requests: int = Field(10, ge=1, description="fewer canary answers: interval inconclusive")
+    canary_min_requests: int = Field(
+        10,
+        ge=0,
+        description="fewer canary answers: interval inconclusive (0: an interval without traffic passes on "
+        "the offline gate alone, e.g. a replay's warm-up)",
+    )
     canary_min_feedback: int = Field(5, ge=1, description="fewer labelled canary answers: skip label checks")
     canary_max_error_rate: float = Field(0.01, ge=0, le=1)
     canary_max_p99_ms: float = Field(1000.0, gt=0, description="canary batch latency p99 bound")
