@@ -25,6 +25,7 @@ from learners import artifacts
 from learners.buffer import Example, ReplayBuffers
 from learners.drift import DriftMonitor
 from learners.evaluation import evaluate_candidate
+from learners.interpolation import choose_alpha
 from learners.trainer import TrainConfig, train_adapter
 from serving import metrics
 from serving.artifacts import Artifact, load_artifact
@@ -176,6 +177,17 @@ class Learner:
             self.train_cfg,
             parent=None if unlearning else parent,
         )
+        alpha = None
+        if parent is not None and not unlearning and hold and self.train_cfg.interpolation_grid:
+            choice = choose_alpha(
+                self.encoder,
+                trained,
+                parent,
+                [e.text for e in hold],
+                [e.label for e in hold],
+                self.train_cfg.interpolation_grid,
+            )
+            alpha = choice.alpha
         version = artifacts.new_version()
         manifest = ArtifactManifest(
             domain=domain,
@@ -203,6 +215,8 @@ class Learner:
             scores["train_steps"] = float(trained.steps)
             scores["train_loss"] = trained.final_loss
             scores["train_seconds"] = time.monotonic() - started
+            if alpha is not None:
+                scores["interpolation_alpha"] = alpha
             if self.buffers.generation(domain) != generation:
                 # A forget arrived while this run trained on the old snapshot: never ship what it saw.
                 artifacts.discard(staged)

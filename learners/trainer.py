@@ -53,6 +53,9 @@ class TrainConfig:
     distill_weight: float = 1.0
     distill_temperature: float = 2.0
     bct_weight: float = 0.5
+    # Continued runs end between the parent and the trained weights (learners.interpolation); the point
+    # is chosen on the run's holdout from this grid. () keeps the trained weights.
+    interpolation_grid: tuple[float, ...] = (0.4, 0.6, 0.8, 1.0)
 
 
 @dataclass

@@ -255,3 +255,14 @@ def test_continued_training_with_distillation_and_bct_adds_a_new_class(tmp_path,
     assert np.isfinite(child.final_loss)
     # The parent's rows are the starting point of the known labels; the new label got its own row.
     assert child.head_weight.shape == (3, tiny_encoder.dim)
+
+
+def test_a_continued_run_ends_at_an_interpolation_point_chosen_on_its_holdout(learner):
+    _feed(learner, _events(32))
+    first = learner.train_domain("d")
+    assert "interpolation_alpha" not in first.metrics  # no parent: nothing to interpolate toward
+    learner.registry.active_versions["d"] = first.version
+    _feed(learner, _events(16, start=32))
+    second = learner.train_domain("d")
+    assert second.submitted
+    assert second.metrics["interpolation_alpha"] in learner.train_cfg.interpolation_grid
