@@ -23,6 +23,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ from transformers import AutoModel
 
 from serving.artifacts import ADAPTER_DIR, HEAD_FILE, Artifact, Head
 from serving.encoder import Encoder
+
+T = TypeVar("T")
 
 HEAD_INIT_SAMPLE = 4096  # examples whose base embeddings give the head's initial class means
 
@@ -53,6 +56,9 @@ class TrainConfig:
     distill_weight: float = 1.0
     distill_temperature: float = 2.0
     bct_weight: float = 0.5
+    # Share of replayed old examples in a continued run's training set (beside all new ones; Ibrahim et
+    # al. 2024 replay 5-50%); None trains on the whole replay buffer snapshot.
+    replay_share: float | None = 0.5
     # Continued runs end between the parent and the trained weights (learners.interpolation); the point
     # is chosen on the run's holdout from this grid. () keeps the trained weights.
     interpolation_grid: tuple[float, ...] = (0.4, 0.6, 0.8, 1.0)
@@ -84,6 +90,17 @@ class TrainedAdapter:
             },
             str(directory / HEAD_FILE),
         )
+
+
+def replay_mix(new: Sequence[T], old: Sequence[T], share: float | None, seed: int = 0) -> list[T]:
+    """A continued run's training set: every new example, plus old ones sampled to make up ``share`` of
+    the set (all old ones when ``share`` is None or there are too few; all of them when nothing is new)."""
+    if share is None or not new:
+        return [*old, *new]
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"replay share must be in [0, 1), got {share}")
+    k = min(len(old), round(len(new) * share / (1.0 - share)))
+    return [*random.Random(seed).sample(list(old), k), *new]
 
 
 # LoRA targets per architecture when the configured names are absent (MPNet names its projections q/k/v/o).

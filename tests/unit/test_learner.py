@@ -266,3 +266,16 @@ def test_a_continued_run_ends_at_an_interpolation_point_chosen_on_its_holdout(le
     second = learner.train_domain("d")
     assert second.submitted
     assert second.metrics["interpolation_alpha"] in learner.train_cfg.interpolation_grid
+
+
+def test_replay_mix_keeps_every_new_example_and_replays_a_share_of_old_ones():
+    from learners.trainer import replay_mix
+
+    old, new = list(range(100)), list(range(100, 110))
+    mixed = replay_mix(new, old, 0.5, seed=0)
+    assert mixed[-10:] == new and len(mixed) == 20 and set(mixed[:10]) <= set(old)
+    assert sorted(replay_mix(new, old[:3], 0.5)) == [*old[:3], *new]  # too few old ones: all of them
+    assert replay_mix(new, old, None) == [*old, *new]
+    assert replay_mix([], old, 0.5) == old
+    with pytest.raises(ValueError, match="replay share"):
+        replay_mix(new, old, 1.0)
