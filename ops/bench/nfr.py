@@ -236,6 +236,7 @@ def run(stream: Path, out: Path, cfg: NfrBench) -> dict[str, Any]:
     t = time.monotonic()
     if "v1" in earlier:
         v1 = load_artifact(earlier["v1"], base_fingerprint=enc.fingerprint, dim=enc.dim)
+        v1 = _fitted(enc, cfg.comp, v1, v1_train, v1_hold)  # the memory weight is not in the manifest
     else:
         trained = train_adapter(enc, [e.text for e in v1_train], [e.label for e in v1_train], cfg.v1)
         v1 = _fitted(enc, cfg.comp, _publish(enc, art, domain, trained, cfg.v1, None), v1_train, v1_hold)
@@ -250,6 +251,7 @@ def run(stream: Path, out: Path, cfg: NfrBench) -> dict[str, Any]:
     t = time.monotonic()
     if "naive" in earlier:
         naive = load_artifact(earlier["naive"], base_fingerprint=enc.fingerprint, dim=enc.dim)
+        naive = _fitted(enc, cfg.comp, naive, snap_train, snap_hold)
     else:
         trained = train_adapter(
             enc, [e.text for e in new_train], [e.label for e in new_train], naive_cfg, parent=v1
