@@ -35,7 +35,13 @@ import numpy as np
 
 from learners import artifacts
 from learners.buffer import Example, ReplayBuffers
-from learners.evaluation import fit_memory_weight, flip_rates, with_memory_weight
+from learners.evaluation import (
+    fit_compensation_floor,
+    fit_memory_weight,
+    flip_rates,
+    with_memory_weight,
+    with_metrics,
+)
 from learners.interpolation import Interpolator, choose_alpha
 from learners.trainer import TrainConfig, replay_mix, train_adapter
 from ops.bench.transfer import _BatchMemo
@@ -152,8 +158,10 @@ def _fitted(enc: Encoder, comp, artifact: Artifact, train: list[Example], hold: 
         return artifact
     domain = artifact.manifest.domain
     predictor = Predictor(enc, _memory(enc, domain, train), comp)
-    w = fit_memory_weight(predictor, artifact, domain, [e.text for e in hold], [e.label for e in hold])
-    return with_memory_weight(artifact, w)
+    texts, truth = [e.text for e in hold], [e.label for e in hold]
+    artifact = with_memory_weight(artifact, fit_memory_weight(predictor, artifact, domain, texts, truth))
+    floor = fit_compensation_floor(predictor, artifact, domain, texts, truth)
+    return artifact if floor is None else with_metrics(artifact, compensation_sim_low=floor)
 
 
 def _curve(enc: Encoder, trained, v1: Artifact, test, grid) -> dict[float, dict[str, float]]:
@@ -314,6 +322,10 @@ def run(stream: Path, out: Path, cfg: NfrBench) -> dict[str, Any]:
             "holdout": len(snap_hold),
             "evaluated": len(test),
         },
+        "compensation_sim_low": {
+            n: a.manifest.metrics.get("compensation_sim_low")
+            for n, a in (("v1", v1), ("naive", naive), ("driftserve", ours))
+        },
         "memory_weight": {
             n: a.manifest.metrics.get("memory_weight")
             for n, a in (("v1", v1), ("naive", naive), ("driftserve", ours))
@@ -385,7 +397,9 @@ def markdown(result: dict[str, Any]) -> str:
     mw = ", ".join(f"{k} {v:.1f}" for k, v in result["memory_weight"].items() if v is not None)
     lines += [
         "",
-        f"Memory weights fitted on the holdout: {mw}.",
+        f"Memory weights fitted on the holdout: {mw}; compensation floors: "
+        + ", ".join(f"{k} {v}" for k, v in result.get("compensation_sim_low", {}).items())
+        + ".",
         "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["timings"].items()),
         "",
     ]

@@ -266,6 +266,8 @@ def test_a_continued_run_ends_at_an_interpolation_point_chosen_on_its_holdout(le
     second = learner.train_domain("d")
     assert second.submitted
     assert second.metrics["interpolation_alpha"] in learner.train_cfg.interpolation_grid
+    # The compensation floor it will be served with was fitted on the same holdout.
+    assert 0.6 <= second.metrics["compensation_sim_low"] < 0.95
 
 
 def test_replay_mix_keeps_every_new_example_and_replays_a_share_of_old_ones():
