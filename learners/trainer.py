@@ -56,6 +56,10 @@ class TrainConfig:
     distill_weight: float = 1.0
     distill_temperature: float = 2.0
     bct_weight: float = 0.5
+    # Which samples the distillation holds to the parent: "old_right" (every sample the parent gets
+    # right) or "flips" (MUSCLE's mask: the parent right and the model being trained currently wrong, so
+    # the rest learns the new data freely).
+    distill_mask: str = "old_right"
     # Share of replayed old examples in a continued run's training set (beside all new ones; Ibrahim et
     # al. 2024 replay 5-50%); None trains on the whole replay buffer snapshot.
     replay_share: float | None = 0.5
@@ -258,7 +262,7 @@ def train_adapter(
             loss = torch.nn.functional.cross_entropy(logits, y[idx])
             if old_logits is not None and old_head is not None:
                 loss = loss + _compatibility(
-                    cfg, logits, emb, idx, old_logits, old_head, old_cols, old_target
+                    cfg, logits, emb, idx, old_logits, old_head, old_cols, old_target, y[idx]
                 )
             optimizer_step(opt, base_lrs, loss, step, total, warmup)
             last_loss = loss.detach()  # read once at the end: a per-step .item() stalls the GPU queue
@@ -313,16 +317,20 @@ def _compatibility(
     old_head: tuple[torch.Tensor, torch.Tensor],
     old_cols: torch.Tensor,
     old_target: torch.Tensor,
+    y: torch.Tensor,
 ) -> torch.Tensor:
     """MUSCLE distillation on the parent's correct examples + BCT influence loss (see the module doc)."""
     old_logits, old_right = old[0][idx], old[1][idx]
     extra = logits.new_zeros(())
-    if cfg.distill_weight > 0 and bool(old_right.any()):
+    mask = old_right
+    if cfg.distill_mask == "flips":
+        mask = old_right & (logits.detach().argmax(1) != y)
+    if cfg.distill_weight > 0 and bool(mask.any()):
         t = cfg.distill_temperature
         new_logp = torch.log_softmax(logits[:, old_cols] / t, dim=1)
         old_p = torch.softmax(old_logits / t, dim=1)
         kl = (old_p * (torch.log(old_p.clamp_min(1e-12)) - new_logp)).sum(1)
-        extra = extra + cfg.distill_weight * t * t * (kl * old_right).sum() / old_right.sum()
+        extra = extra + cfg.distill_weight * t * t * (kl * mask).sum() / mask.sum()
     target = old_target[idx]
     if cfg.bct_weight > 0 and bool((target >= 0).any()):
         influence = emb @ old_head[0].T + old_head[1]

@@ -347,6 +347,9 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--update-steps", type=int, default=150, help="steps of each update (nfr)")
     parser.add_argument("--seed", type=int, default=0, help="training seed of every model (nfr)")
     parser.add_argument("--reuse", help="an earlier nfr.json: reuse its v1 and naive artifacts (nfr)")
+    parser.add_argument("--distill-mask", choices=["old_right", "flips"], help="driftserve update's (nfr)")
+    parser.add_argument("--distill-weight", type=float, help="driftserve update's distillation weight (nfr)")
+    parser.add_argument("--replay-share", type=float, help="driftserve update's replay share (nfr)")
 
 
 def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -459,7 +462,21 @@ def _bench_nfr(args: argparse.Namespace, settings: Settings, out) -> int:
         model_path=settings.model_path,
         reuse=args.reuse,
         v1=replace(learner, epochs=10_000, max_steps=args.v1_steps, seed=args.seed),
-        update=replace(learner, epochs=10_000, max_steps=args.update_steps, seed=args.seed),
+        update=replace(
+            learner,
+            epochs=10_000,
+            max_steps=args.update_steps,
+            seed=args.seed,
+            **{
+                k: v
+                for k, v in (
+                    ("distill_mask", args.distill_mask),
+                    ("distill_weight", args.distill_weight),
+                    ("replay_share", args.replay_share),
+                )
+                if v is not None
+            },
+        ),
         comp=settings.compensation(),
     )
     nfr.run(Path(args.streams[0]), out, cfg)

@@ -61,3 +61,12 @@ def test_choose_alpha_picks_from_the_grid_and_reports_each_point(tmp_path, tiny_
     assert set(choice.scores) == {0.5, 1.0}
     assert all(0.0 <= s["nfr"] <= 1.0 and 0.0 <= s["accuracy"] <= 1.0 for s in choice.scores.values())
     assert choose_alpha(tiny_encoder, child, parent, [], []).alpha == 1.0
+
+
+def test_muscle_flip_mask_trains_a_continued_run(tmp_path, tiny_encoder):
+    from dataclasses import replace
+
+    parent = _parent(tmp_path, tiny_encoder)
+    cfg = replace(CFG, distill_mask="flips", distill_weight=1.0)
+    child = train_adapter(tiny_encoder, TEXTS, LABELS, cfg, parent=parent)
+    assert np.isfinite(child.final_loss) and child.steps == 3
