@@ -227,6 +227,7 @@ def evaluate_candidate(
         "holdout_accuracy": float(new_correct.mean()),
         "current_accuracy": float(old_correct.mean()),
         "holdout_size": float(len(hold)),
+        "has_parent": float(parent is not None),
         "nfr": nfr,
         "pfr": pfr,
         "ece": expected_calibration_error(new_conf, new_correct),

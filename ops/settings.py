@@ -115,6 +115,12 @@ class Settings(BaseSettings):
     gate_adapter_margin: float = Field(
         0.2, ge=0, le=1, description="the adapter's head alone may trail the current system by this much"
     )
+    gate_first_min_gain: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="a domain's first adapter must beat the memory-only path on the holdout by this (0: off)",
+    )
     gate_policy_overrides: str = Field(
         "", description='per-domain gate overrides as JSON, e.g. {"tenant-a": {"max_nfr": 0.01}}'
     )
@@ -210,6 +216,7 @@ class Settings(BaseSettings):
                 compat_epsilon=self.gate_compat_epsilon,
                 min_holdout=self.gate_min_holdout,
                 adapter_margin=self.gate_adapter_margin,
+                first_min_gain=self.gate_first_min_gain,
             ),
             gate_overrides=parse_gate_overrides(self.gate_policy_overrides),
             shadow_share=self.shadow_share,
