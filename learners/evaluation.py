@@ -22,20 +22,22 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from learners.buffer import Example
 from serving.artifacts import Artifact
-from serving.compensator import CompensationConfig
+from serving.compensator import CompensationConfig, compensate_batch
 from serving.encoder import Encoder
 from serving.memory import InProcessMemory
-from serving.predictor import Prediction, Predictor, adapter_name, mix_distributions
+from serving.predictor import Prediction, Predictor, adapter_name, memory_weight, mix_distributions
 from streams.redis_store import MemoryEntry
 
 ECE_BINS = 15
 COMPAT_GALLERY = 512
 WEIGHT_GRID = np.linspace(0.0, 1.0, 11)
+FLOOR_GRID = (0.7, 0.8, 0.9)  # compensation floors tried above the deployment's sim_low
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -110,6 +112,58 @@ def _best_weight(
     return best
 
 
+def _best_floor(
+    predictor: Predictor,
+    domain: str,
+    texts: Sequence[str],
+    probs: np.ndarray,
+    vocab: list[str],
+    truth: Sequence[str],
+) -> float | None:
+    """The compensation floor (``sim_low``) on a grid that fits these labels best with the model's mixed
+    distribution ``probs``; ties go to the lowest (the deployment's own). None: compensation is off."""
+    comp = predictor.comp
+    if not comp.enabled or not len(truth):
+        return None
+    keys = predictor.embed(texts)
+    sims, labels = predictor.memory.search_batch(domain, keys, comp.k)
+    if not sims.shape[1]:
+        return None
+    vocab = list(vocab)
+    index = {lab: i for i, lab in enumerate(vocab)}
+    for row in labels:
+        for lab in row:
+            if lab not in index:
+                index[lab] = len(vocab)
+                vocab.append(lab)
+    probs = np.pad(probs, ((0, 0), (0, len(vocab) - probs.shape[1])))
+    label_idx = np.array([[index[lab] for lab in row] for row in labels])
+    grid = sorted({comp.sim_low, *(f for f in FLOOR_GRID if comp.sim_low < f < comp.sim_high)})
+    best, best_acc = comp.sim_low, -1.0
+    for floor in grid:
+        out, _ = compensate_batch(probs, sims.astype(np.float64), label_idx, replace(comp, sim_low=floor))
+        acc = float(np.mean([vocab[j] == t for j, t in zip(out.argmax(1), truth, strict=True)]))
+        if acc > best_acc + 1e-12:
+            best, best_acc = floor, acc
+    return float(best)
+
+
+def fit_compensation_floor(
+    predictor: Predictor, artifact: Artifact, domain: str, texts: Sequence[str], truth: Sequence[str]
+) -> float | None:
+    """The compensation floor for ``artifact`` (at its memory weight) that fits held-out labels best."""
+    head, mem_vocab, mem = _scores(predictor, artifact, domain, texts)
+    probs, vocab = mix_distributions(
+        head, list(artifact.head.labels), mem, mem_vocab, memory_weight(artifact)
+    )
+    return _best_floor(predictor, domain, texts, probs, vocab, truth)
+
+
+def with_metrics(artifact: Artifact, **values: float) -> Artifact:
+    metrics = {**artifact.manifest.metrics, **values}
+    return dataclasses.replace(artifact, manifest=artifact.manifest.model_copy(update={"metrics": metrics}))
+
+
 def fit_memory_weight(
     predictor: Predictor, artifact: Artifact, domain: str, texts: Sequence[str], truth: Sequence[str]
 ) -> float:
@@ -119,8 +173,7 @@ def fit_memory_weight(
 
 
 def with_memory_weight(artifact: Artifact, weight: float) -> Artifact:
-    metrics = {**artifact.manifest.metrics, "memory_weight": weight}
-    return dataclasses.replace(artifact, manifest=artifact.manifest.model_copy(update={"metrics": metrics}))
+    return with_metrics(artifact, memory_weight=weight)
 
 
 def evaluate_candidate(
@@ -147,6 +200,12 @@ def evaluate_candidate(
     # the weight fitted on all of it.
     halves = [np.arange(len(hold))[i::2] for i in (0, 1)]
     weight = _best_weight(head, head_vocab, mem, mem_vocab, truth)
+    # The compensation floor is fitted once on the whole holdout (at the shipped weight) and used in the
+    # cross-fitted halves below as well: one number from a 4-point grid, a small optimism at most.
+    mixed, mixed_vocab = mix_distributions(head, head_vocab, mem, mem_vocab, weight)
+    floor = _best_floor(predictor, domain, texts, mixed, mixed_vocab, truth)
+    if floor is not None:
+        candidate = with_metrics(candidate, compensation_sim_low=floor)
     if parent is not None:
         predictor.activate(parent)
     old_correct, old_conf = _outcome(predictor.predict(texts, [domain] * len(texts)), truth)
@@ -168,11 +227,13 @@ def evaluate_candidate(
         "holdout_accuracy": float(new_correct.mean()),
         "current_accuracy": float(old_correct.mean()),
         "holdout_size": float(len(hold)),
+        "has_parent": float(parent is not None),
         "nfr": nfr,
         "pfr": pfr,
         "ece": expected_calibration_error(new_conf, new_correct),
         "current_ece": expected_calibration_error(old_conf, old_correct),
         "memory_weight": weight,
+        **({"compensation_sim_low": floor} if floor is not None else {}),
         "adapter_accuracy": float(head_correct.mean()),
         "adapter_nfr": flip_rates(old_correct, head_correct)[0],
     }

@@ -25,7 +25,8 @@ from learners import artifacts
 from learners.buffer import Example, ReplayBuffers
 from learners.drift import DriftMonitor
 from learners.evaluation import evaluate_candidate
-from learners.trainer import TrainConfig, train_adapter
+from learners.interpolation import choose_alpha
+from learners.trainer import TrainConfig, replay_mix, train_adapter
 from serving import metrics
 from serving.artifacts import Artifact, load_artifact
 from serving.compensator import CompensationConfig
@@ -168,6 +169,13 @@ class Learner:
         n_hold = int(len(examples) * self.policy.holdout_frac)
         train, hold = (examples[:-n_hold], examples[-n_hold:]) if n_hold else (examples, [])
         parent = self.current(domain)
+        share = self.train_cfg.replay_share
+        if parent is not None and not unlearning and share is not None:
+            # What the previous run trained on ended where this snapshot's first ``n_prev`` examples
+            # minus their holdout end; the rest of the training part is new to the parent.
+            n_prev = len(examples) - consumed
+            start = max(0, n_prev - int(n_prev * self.policy.holdout_frac))
+            train = replay_mix(train[start:], train[:start], share, self.train_cfg.seed)
         # Exact unlearning at adapter scope: an adapter that saw forgotten data is not a starting point.
         trained = train_adapter(
             self.encoder,
@@ -176,6 +184,17 @@ class Learner:
             self.train_cfg,
             parent=None if unlearning else parent,
         )
+        alpha = None
+        if parent is not None and not unlearning and hold and self.train_cfg.interpolation_grid:
+            choice = choose_alpha(
+                self.encoder,
+                trained,
+                parent,
+                [e.text for e in hold],
+                [e.label for e in hold],
+                self.train_cfg.interpolation_grid,
+            )
+            alpha = choice.alpha
         version = artifacts.new_version()
         manifest = ArtifactManifest(
             domain=domain,
@@ -203,6 +222,8 @@ class Learner:
             scores["train_steps"] = float(trained.steps)
             scores["train_loss"] = trained.final_loss
             scores["train_seconds"] = time.monotonic() - started
+            if alpha is not None:
+                scores["interpolation_alpha"] = alpha
             if self.buffers.generation(domain) != generation:
                 # A forget arrived while this run trained on the old snapshot: never ship what it saw.
                 artifacts.discard(staged)

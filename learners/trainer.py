@@ -23,6 +23,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ from transformers import AutoModel
 
 from serving.artifacts import ADAPTER_DIR, HEAD_FILE, Artifact, Head
 from serving.encoder import Encoder
+
+T = TypeVar("T")
 
 HEAD_INIT_SAMPLE = 4096  # examples whose base embeddings give the head's initial class means
 
@@ -53,6 +56,16 @@ class TrainConfig:
     distill_weight: float = 1.0
     distill_temperature: float = 2.0
     bct_weight: float = 0.5
+    # Which samples the distillation holds to the parent: "old_right" (every sample the parent gets
+    # right) or "flips" (MUSCLE's mask: the parent right and the model being trained currently wrong, so
+    # the rest learns the new data freely).
+    distill_mask: str = "old_right"
+    # Share of replayed old examples in a continued run's training set (beside all new ones; Ibrahim et
+    # al. 2024 replay 5-50%); None trains on the whole replay buffer snapshot.
+    replay_share: float | None = 0.5
+    # Continued runs end between the parent and the trained weights (learners.interpolation); the point
+    # is chosen on the run's holdout from this grid. () keeps the trained weights.
+    interpolation_grid: tuple[float, ...] = (0.4, 0.6, 0.8, 1.0)
 
 
 @dataclass
@@ -81,6 +94,17 @@ class TrainedAdapter:
             },
             str(directory / HEAD_FILE),
         )
+
+
+def replay_mix(new: Sequence[T], old: Sequence[T], share: float | None, seed: int = 0) -> list[T]:
+    """A continued run's training set: every new example, plus old ones sampled to make up ``share`` of
+    the set (all old ones when ``share`` is None or there are too few; all of them when nothing is new)."""
+    if share is None or not new:
+        return [*old, *new]
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"replay share must be in [0, 1), got {share}")
+    k = min(len(old), round(len(new) * share / (1.0 - share)))
+    return [*random.Random(seed).sample(list(old), k), *new]
 
 
 # LoRA targets per architecture when the configured names are absent (MPNet names its projections q/k/v/o).
@@ -238,7 +262,7 @@ def train_adapter(
             loss = torch.nn.functional.cross_entropy(logits, y[idx])
             if old_logits is not None and old_head is not None:
                 loss = loss + _compatibility(
-                    cfg, logits, emb, idx, old_logits, old_head, old_cols, old_target
+                    cfg, logits, emb, idx, old_logits, old_head, old_cols, old_target, y[idx]
                 )
             optimizer_step(opt, base_lrs, loss, step, total, warmup)
             last_loss = loss.detach()  # read once at the end: a per-step .item() stalls the GPU queue
@@ -293,16 +317,20 @@ def _compatibility(
     old_head: tuple[torch.Tensor, torch.Tensor],
     old_cols: torch.Tensor,
     old_target: torch.Tensor,
+    y: torch.Tensor,
 ) -> torch.Tensor:
     """MUSCLE distillation on the parent's correct examples + BCT influence loss (see the module doc)."""
     old_logits, old_right = old[0][idx], old[1][idx]
     extra = logits.new_zeros(())
-    if cfg.distill_weight > 0 and bool(old_right.any()):
+    mask = old_right
+    if cfg.distill_mask == "flips":
+        mask = old_right & (logits.detach().argmax(1) != y)
+    if cfg.distill_weight > 0 and bool(mask.any()):
         t = cfg.distill_temperature
         new_logp = torch.log_softmax(logits[:, old_cols] / t, dim=1)
         old_p = torch.softmax(old_logits / t, dim=1)
         kl = (old_p * (torch.log(old_p.clamp_min(1e-12)) - new_logp)).sum(1)
-        extra = extra + cfg.distill_weight * t * t * (kl * old_right).sum() / old_right.sum()
+        extra = extra + cfg.distill_weight * t * t * (kl * mask).sum() / mask.sum()
     target = old_target[idx]
     if cfg.bct_weight > 0 and bool((target >= 0).any()):
         influence = emb @ old_head[0].T + old_head[1]

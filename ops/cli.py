@@ -313,7 +313,7 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "name",
-        choices=["feedback", "serve", "retrieval", "memory", "encoder", "transfer"],
+        choices=["feedback", "serve", "retrieval", "memory", "encoder", "transfer", "nfr"],
         help="which benchmark",
     )
     parser.add_argument("--streams", nargs="*", default=[], help="labelled streams to mix (retrieval)")
@@ -340,6 +340,17 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synthetic", type=int, default=3, help="perturbed texts per example (transfer)")
     parser.add_argument("--teacher-artifact", help="reuse this old-base artifact as the teacher (transfer)")
     parser.add_argument("--no-retrain", action="store_true", help="skip the retrain reference (transfer)")
+    parser.add_argument("--v1-events", type=int, default=500, help="window 1, trains v1 (nfr)")
+    parser.add_argument("--update-events", type=int, default=500, help="window 2, trains the update (nfr)")
+    parser.add_argument("--eval-events", type=int, default=1000, help="later events evaluated (nfr)")
+    parser.add_argument("--gap", type=int, default=0, help="events skipped before the evaluated ones (nfr)")
+    parser.add_argument("--v1-steps", type=int, default=150, help="v1 training steps (nfr)")
+    parser.add_argument("--update-steps", type=int, default=150, help="steps of each update (nfr)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of every model (nfr)")
+    parser.add_argument("--reuse", help="an earlier nfr.json: reuse its v1 and naive artifacts (nfr)")
+    parser.add_argument("--distill-mask", choices=["old_right", "flips"], help="driftserve update's (nfr)")
+    parser.add_argument("--distill-weight", type=float, help="driftserve update's distillation weight (nfr)")
+    parser.add_argument("--replay-share", type=float, help="driftserve update's replay share (nfr)")
 
 
 def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -384,6 +395,8 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.name == "transfer":
         return _bench_transfer(args, settings, out)
+    if args.name == "nfr":
+        return _bench_nfr(args, settings, out)
     from ops.bench import encoder
 
     encoder.run(out)
@@ -425,6 +438,51 @@ def _bench_transfer(args: argparse.Namespace, settings: Settings, out) -> int:
     )
     transfer.run(Path(args.streams[0]), out, cfg)
     print((out / "transfer.md").read_text())
+    return 0
+
+
+def _bench_nfr(args: argparse.Namespace, settings: Settings, out) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from ops.bench import nfr
+
+    if len(args.streams) != 1:
+        print("driftserve: bench nfr needs --streams with exactly one stream", file=sys.stderr)
+        return 2
+    learner = settings.training()
+    # Both the naive and the driftserve update run exactly --update-steps steps (epochs never bind).
+    cfg = nfr.NfrBench(
+        start=args.start,
+        v1_events=args.v1_events,
+        update_events=args.update_events,
+        gap=args.gap,
+        eval_events=args.eval_events,
+        holdout_frac=settings.learner_holdout_frac,
+        device=settings.device,
+        max_length=settings.max_length,
+        model_path=settings.model_path,
+        reuse=args.reuse,
+        v1=replace(learner, epochs=10_000, max_steps=args.v1_steps, seed=args.seed),
+        update=replace(
+            learner,
+            epochs=10_000,
+            max_steps=args.update_steps,
+            seed=args.seed,
+            **{
+                k: v
+                for k, v in (
+                    ("distill_mask", args.distill_mask),
+                    ("distill_weight", args.distill_weight),
+                    ("replay_share", args.replay_share),
+                )
+                if v is not None
+            },
+        ),
+        comp=settings.compensation(),
+    )
+    nfr.run(Path(args.streams[0]), out, cfg)
+    print((out / "nfr.md").read_text())
     return 0
 
 

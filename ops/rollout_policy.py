@@ -22,6 +22,10 @@ class GatePolicy:
     compat_epsilon: float = 0.02  # compat_new_old >= compat_old_old - this
     min_holdout: int = 4  # an evaluation on fewer examples is no evaluation
     adapter_margin: float = 0.2  # the head alone may trail the current system by at most this much
+    # A domain's first adapter replaces the memory-only path, which keeps adapting online between
+    # rollouts; an adapter that does not beat it on the holdout by this much only adds risk (a head
+    # trained on a skewed early window can be confidently wrong once the mix shifts). 0: off.
+    first_min_gain: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,14 @@ def offline_gate(report: dict[str, float], policy: GatePolicy) -> GateDecision:
             f"ece {ece:.3f} vs current {cur_ece:.3f} + {policy.max_ece_increase}",
         )
     )
+    if policy.first_min_gain > 0 and report.get("has_parent", 1.0) == 0.0:
+        checks.append(
+            Check(
+                "first_gain",
+                new >= cur + policy.first_min_gain,
+                f"first adapter {new:.3f} vs memory only {cur:.3f} + {policy.first_min_gain}",
+            )
+        )
     if "adapter_accuracy" in report:
         alone = report["adapter_accuracy"]
         checks.append(

@@ -118,6 +118,12 @@ class Settings(BaseSettings):
     gate_adapter_margin: float = Field(
         0.2, ge=0, le=1, description="the adapter's head alone may trail the current system by this much"
     )
+    gate_first_min_gain: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="a domain's first adapter must beat the memory-only path on the holdout by this (0: off)",
+    )
     gate_policy_overrides: str = Field(
         "", description='per-domain gate overrides as JSON, e.g. {"tenant-a": {"max_nfr": 0.01}}'
     )
@@ -127,7 +133,12 @@ class Settings(BaseSettings):
     canary_interval_s: float = Field(30.0, gt=0, description="analysis interval")
     canary_passes: int = Field(3, ge=1, description="passing intervals before promotion")
     canary_failure_threshold: int = Field(2, ge=1, description="failing intervals before rollback")
-    canary_min_requests: int = Field(10, ge=1, description="fewer canary answers: interval inconclusive")
+    canary_min_requests: int = Field(
+        10,
+        ge=0,
+        description="fewer canary answers: interval inconclusive (0: an interval without traffic passes on "
+        "the offline gate alone, e.g. a replay's warm-up)",
+    )
     canary_min_feedback: int = Field(5, ge=1, description="fewer labelled canary answers: skip label checks")
     canary_max_error_rate: float = Field(0.01, ge=0, le=1)
     canary_max_p99_ms: float = Field(1000.0, gt=0, description="canary batch latency p99 bound")
@@ -208,6 +219,7 @@ class Settings(BaseSettings):
                 compat_epsilon=self.gate_compat_epsilon,
                 min_holdout=self.gate_min_holdout,
                 adapter_margin=self.gate_adapter_margin,
+                first_min_gain=self.gate_first_min_gain,
             ),
             gate_overrides=parse_gate_overrides(self.gate_policy_overrides),
             shadow_share=self.shadow_share,

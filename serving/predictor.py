@@ -399,8 +399,9 @@ class Predictor:
             vocab, probs = list(mem_vocab), mem_probs
             version, adapter = self.base_version, None
         lam = np.zeros(len(keys))
-        if self.comp.enabled:
-            sims, neighbour_labels = sims[:, : self.comp.k], [row[: self.comp.k] for row in neighbour_labels]
+        comp = compensation_for(self.comp, active.artifact if active is not None else None)
+        if comp.enabled:
+            sims, neighbour_labels = sims[:, : comp.k], [row[: comp.k] for row in neighbour_labels]
             if sims.shape[1]:
                 index = {lab: i for i, lab in enumerate(vocab)}
                 seen = {lab for row in neighbour_labels for lab in row}
@@ -410,7 +411,7 @@ class Predictor:
                 if probs.shape[1] < len(vocab):
                     probs = np.pad(probs, ((0, 0), (0, len(vocab) - probs.shape[1])))
                 label_idx = np.array([[index[lab] for lab in row] for row in neighbour_labels])
-                probs, lam = compensate_batch(probs, sims.astype(np.float64), label_idx, self.comp)
+                probs, lam = compensate_batch(probs, sims.astype(np.float64), label_idx, comp)
         metrics.STAGE_LATENCY.labels("compensation").observe(time.perf_counter() - t0)
         out = []
         if len(vocab):
@@ -456,6 +457,19 @@ def memory_weight(artifact: Artifact) -> float:
     """The share of the memory's scorer next to this adapter's head, as calibrated by the learner."""
     value = artifact.manifest.metrics.get("memory_weight", DEFAULT_MEMORY_WEIGHT)
     return float(min(1.0, max(0.0, value)))
+
+
+def compensation_for(comp: CompensationConfig, artifact: Artifact | None) -> CompensationConfig:
+    """The compensation an adapter is served with: the deployment's, with the similarity below which
+    neighbours are ignored raised to the adapter's calibrated ``compensation_sim_low`` (fitted by the
+    learner on held-out feedback: where a domain's mere neighbours disagree with their labels, only
+    near-duplicates should overrule the model). Never lowered, never at or past ``sim_high``."""
+    if artifact is None:
+        return comp
+    floor = artifact.manifest.metrics.get("compensation_sim_low")
+    if floor is None or not comp.sim_low < float(floor) < comp.sim_high:
+        return comp
+    return replace(comp, sim_low=float(floor))
 
 
 def mix_distributions(

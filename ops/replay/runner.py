@@ -168,7 +168,13 @@ class ReplayRunner:
         elif events:
             info["absorbed"] = None  # the deployment does not report memory_entries: nothing to wait on
         if self.cfg.wait_adapter_s > 0 and events:
-            domains = {e.domain or DEFAULT_DOMAIN for e in events}
+            # A domain whose warm-up holds a single label cannot have a classifier yet (the learner
+            # needs two): waiting for it would only burn the whole wait.
+            labels: dict[str, set[str]] = {}
+            for e in events:
+                labels.setdefault(e.domain or DEFAULT_DOMAIN, set()).add(e.label)
+            domains = {d for d, seen in labels.items() if len(seen) >= 2}
+            info["adapter_wait_domains"] = sorted(domains)
             t1 = self.clock()
             adapters: dict[str, Any] = {}
             while self.clock() - t1 < self.cfg.wait_adapter_s:
@@ -178,6 +184,7 @@ class ReplayRunner:
                     break
                 self.sleep(1.0)
             info["adapters_after_warmup"] = dict(adapters)
+            info["adapter_wait_s"] = round(self.clock() - t1, 3)
         info["seconds"] = round(self.clock() - t0, 3)
         result.warmup = info
 

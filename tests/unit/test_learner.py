@@ -255,3 +255,29 @@ def test_continued_training_with_distillation_and_bct_adds_a_new_class(tmp_path,
     assert np.isfinite(child.final_loss)
     # The parent's rows are the starting point of the known labels; the new label got its own row.
     assert child.head_weight.shape == (3, tiny_encoder.dim)
+
+
+def test_a_continued_run_ends_at_an_interpolation_point_chosen_on_its_holdout(learner):
+    _feed(learner, _events(32))
+    first = learner.train_domain("d")
+    assert "interpolation_alpha" not in first.metrics  # no parent: nothing to interpolate toward
+    learner.registry.active_versions["d"] = first.version
+    _feed(learner, _events(16, start=32))
+    second = learner.train_domain("d")
+    assert second.submitted
+    assert second.metrics["interpolation_alpha"] in learner.train_cfg.interpolation_grid
+    # The compensation floor it will be served with was fitted on the same holdout.
+    assert 0.6 <= second.metrics["compensation_sim_low"] < 0.95
+
+
+def test_replay_mix_keeps_every_new_example_and_replays_a_share_of_old_ones():
+    from learners.trainer import replay_mix
+
+    old, new = list(range(100)), list(range(100, 110))
+    mixed = replay_mix(new, old, 0.5, seed=0)
+    assert mixed[-10:] == new and len(mixed) == 20 and set(mixed[:10]) <= set(old)
+    assert sorted(replay_mix(new, old[:3], 0.5)) == [*old[:3], *new]  # too few old ones: all of them
+    assert replay_mix(new, old, None) == [*old, *new]
+    assert replay_mix([], old, 0.5) == old
+    with pytest.raises(ValueError, match="replay share"):
+        replay_mix(new, old, 1.0)

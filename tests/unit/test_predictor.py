@@ -228,3 +228,21 @@ def test_a_new_version_with_identical_lora_weights_still_swaps(tmp_path, predict
     predictor.clear_rollout("d")
     (p,) = predictor.predict(["good thing"], ["d"], ["r"])
     assert p.adapter == "v2" and predictor.loaded_adapters() == [adapter_name(v2)]
+
+
+def test_an_adapter_raises_the_compensation_floor_never_lowers_it():
+    from types import SimpleNamespace
+
+    from serving.compensator import CompensationConfig
+    from serving.predictor import compensation_for
+
+    comp = CompensationConfig(sim_low=0.6, sim_high=0.95)
+
+    def art(**metrics):
+        return SimpleNamespace(manifest=SimpleNamespace(metrics=metrics))
+
+    assert compensation_for(comp, None) is comp
+    assert compensation_for(comp, art()) is comp
+    assert compensation_for(comp, art(compensation_sim_low=0.8)).sim_low == 0.8
+    assert compensation_for(comp, art(compensation_sim_low=0.5)) is comp  # never below the deployment's
+    assert compensation_for(comp, art(compensation_sim_low=0.95)) is comp  # never at or past sim_high

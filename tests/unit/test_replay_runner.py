@@ -3,6 +3,7 @@ errors, pacing, rollout flips and feedback-to-fix. The fakes here are reused by 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import Counter
 from dataclasses import dataclass, field
@@ -315,3 +316,19 @@ def test_fix_sampler_spreads_samples_over_the_stream() -> None:
             taken.append(pos)
     assert taken == [0, 25, 50, 75]
     assert not FixSampler(100, 0).wants(0)
+
+
+def test_wait_adapter_skips_single_label_warmup_domains() -> None:
+    clock = FakeClock()
+    system = FakeSystem(clock)
+    events = make_events(40)
+    # Warm-up domain "solo" has one label only: no adapter can exist for it, so it is not waited on.
+    events[1] = dataclasses.replace(events[1], domain="solo")
+    events[2] = dataclasses.replace(events[2], domain="solo")
+    assert events[1].label == events[2].label
+    plain = system.health
+    system.health = lambda: {**plain(), "adapters": {"d": "v1"} if clock() >= 5.0 else {}}  # type: ignore[method-assign]
+    result = runner(system, clock, wait_adapter_s=100.0).run(events, 10)
+    assert result.warmup["adapter_wait_domains"] == ["d"]
+    assert 5.0 <= result.warmup["adapter_wait_s"] < 7.0
+    assert result.warmup["adapters_after_warmup"] == {"d": "v1"}

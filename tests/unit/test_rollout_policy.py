@@ -137,3 +137,21 @@ def test_labels_are_only_judged_with_enough_of_them():
         w.add_answer(_obs("canary", "x", "a", str(i)))
     w.add_label(_obs("canary", "x", "a", "0"), "a")  # one negative flip out of one labelled answer
     assert analyse(w, POLICY)[0] is True
+
+
+def test_a_first_adapter_must_beat_memory_only_by_the_first_min_gain():
+    from ops.rollout_policy import GatePolicy, offline_gate
+
+    report = {
+        "holdout_size": 100.0,
+        "holdout_accuracy": 0.99,
+        "current_accuracy": 0.99,
+        "nfr": 0.0,
+        "ece": 0.0,
+    }
+    strict = GatePolicy(first_min_gain=0.01)
+    first = offline_gate({**report, "has_parent": 0.0}, strict)
+    assert not first.passed and any(c.name == "first_gain" and not c.passed for c in first.checks)
+    assert offline_gate({**report, "has_parent": 1.0}, strict).passed  # a continued run: not a first adapter
+    assert offline_gate({**report, "has_parent": 0.0}, GatePolicy()).passed  # off by default
+    assert offline_gate({**report, "has_parent": 0.0, "holdout_accuracy": 1.0}, strict).passed

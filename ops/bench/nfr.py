@@ -1,0 +1,438 @@
+"""``driftserve bench nfr``: one model update made two ways on the same data, and the flips each causes.
+
+Protocol (one domain of a labelled stream, in ts order, all in-process, ``learners.trainer`` for every
+model, the same seed and the same number of optimizer steps for both updates):
+
+1. ``v1``: an adapter + head trained from the base on window 1 (``v1_events`` events), as the learner
+   trains a first adapter (the newest ``holdout_frac`` held out to fit its memory weight).
+2. The update, on window 2 (the next ``update_events`` events), from ``v1``:
+
+   * ``naive``: plain fine-tuning, continued from v1 on window 2 only: no replay, no distillation, no
+     BCT term (``distill_weight = bct_weight = 0``);
+   * ``driftserve``: what the learner does: the replay buffer's snapshot (old examples beside the new
+     ones), re-warmed and re-decayed learning rate, MUSCLE distillation on the samples v1 gets right and
+     the BCT influence term (the learner's ``TrainConfig`` compatibility settings).
+
+3. Every model answers a held-out later slice (``eval_events`` events after a ``gap``) twice: its head
+   alone, and through serving's own ``Predictor`` (the error memory holding windows 1 and 2, the
+   scorer's experts, compensation, and the memory weight fitted as the learner fits it).
+
+Reported per update and mode: accuracy, gain over v1, NFR and PFR against v1 in the same mode, and the
+issue's ratios: NFR reduction vs naive (target >= 40%), share of naive's gain kept (target >= 95%),
+NFR <= 1% absolute.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from learners import artifacts
+from learners.buffer import Example, ReplayBuffers
+from learners.evaluation import (
+    fit_compensation_floor,
+    fit_memory_weight,
+    flip_rates,
+    with_memory_weight,
+    with_metrics,
+)
+from learners.interpolation import Interpolator, choose_alpha
+from learners.trainer import TrainConfig, replay_mix, train_adapter
+from ops.bench.transfer import _BatchMemo
+from ops.replay.stream import StreamEvent, read_stream
+from serving.artifacts import Artifact, load_artifact
+from serving.compensator import CompensationConfig
+from serving.encoder import Encoder
+from serving.memory import InProcessMemory
+from serving.predictor import Predictor, adapter_name
+from streams.redis_store import MemoryEntry
+from streams.schemas import DEFAULT_DOMAIN, ArtifactManifest, FeedbackEvent
+
+TARGET_NFR = 0.01
+TARGET_REDUCTION = 0.40
+TARGET_GAIN_KEPT = 0.95
+
+
+@dataclass(frozen=True)
+class NfrBench:
+    start: int = 0  # events skipped before window 1
+    v1_events: int = 500
+    update_events: int = 500
+    gap: int = 0  # events skipped between window 2 and the evaluated slice
+    eval_events: int = 1000
+    holdout_frac: float = 0.2  # as the learner: the newest share of a snapshot fits the memory weight
+    buffer_capacity: int = 20_000  # the learner's replay buffer (reservoir + recent window)
+    batch: int = 64
+    device: str = "cpu"
+    max_length: int = 128
+    model_path: str | None = None
+    reuse: str | None = (
+        None  # an earlier run's nfr.json: its v1 and naive artifacts are loaded, not retrained
+    )
+    # Both updates run exactly ``update.max_steps`` steps (epochs set high enough), so they cost the same.
+    v1: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, max_steps=150))
+    update: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, max_steps=150))
+    comp: CompensationConfig = field(default_factory=CompensationConfig)
+
+
+def _domain(e: StreamEvent) -> str:
+    return e.domain or DEFAULT_DOMAIN
+
+
+def _split(examples: list[Example], frac: float) -> tuple[list[Example], list[Example]]:
+    ordered = sorted(examples, key=lambda e: e.ts)
+    n_hold = int(len(ordered) * frac)
+    return (ordered[:-n_hold], ordered[-n_hold:]) if n_hold else (ordered, [])
+
+
+def _publish(
+    enc: Encoder, root: Path, domain: str, trained, cfg: TrainConfig, parent: str | None
+) -> Artifact:
+    manifest = ArtifactManifest(
+        domain=domain,
+        version=artifacts.new_version(),
+        parent=parent,
+        base_fingerprint=enc.fingerprint,
+        labels=trained.labels,
+        files={},
+        lora={"r": cfg.r, "alpha": cfg.alpha, "target_modules": list(cfg.target_modules)},
+    )
+    path = artifacts.publish(root, manifest, trained.write)
+    return load_artifact(path, base_fingerprint=enc.fingerprint, dim=enc.dim)
+
+
+def _memory(enc: Encoder, domain: str, examples: list[Example]) -> InProcessMemory:
+    memory = InProcessMemory(enc.dim)
+    if examples:
+        keys = enc.encode([e.text for e in examples])
+        version = enc.fingerprint[:12]
+        memory.add(
+            [MemoryEntry(e.event_id, domain, e.label, keys[i], e.ts, version) for i, e in enumerate(examples)]
+        )
+    return memory
+
+
+def _answers(
+    enc: Encoder,
+    memory: InProcessMemory,
+    comp: CompensationConfig,
+    models: dict[str, Artifact],
+    test,
+    batch: int,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per model: ``head`` (head alone) and ``served`` (serving's Predictor) correctness on ``test``."""
+    predictor = Predictor(enc, memory, comp)
+    bare = Predictor(enc, memory, comp)  # no adapter: the memory's scorer alone
+    memo = _BatchMemo(enc)
+    out: dict[str, dict[str, list[bool]]] = {name: {"head": [], "served": []} for name in models}
+    out["memory_only"] = {"served": []}
+    try:
+        for start in range(0, len(test), batch):
+            rows = test[start : start + batch]
+            texts, truth = [e.text for e in rows], [e.label for e in rows]
+            domains = [_domain(e) for e in rows]
+            preds = bare.predict(texts, domains)
+            out["memory_only"]["served"] += [p.label == t for p, t in zip(preds, truth, strict=True)]
+            for name, artifact in models.items():
+                predictor.activate(artifact)
+                head = artifact.head.probs(memo(texts, adapter_name(artifact)))
+                labels = [artifact.head.labels[j] for j in head.argmax(1)]
+                out[name]["head"] += [p == t for p, t in zip(labels, truth, strict=True)]
+                preds = predictor.predict(texts, domains)
+                out[name]["served"] += [p.label == t for p, t in zip(preds, truth, strict=True)]
+            memo.clear()
+    finally:
+        enc.encode = memo._encode  # type: ignore[method-assign]
+    return {name: {m: np.array(v, dtype=bool) for m, v in modes.items()} for name, modes in out.items()}
+
+
+def _fitted(enc: Encoder, comp, artifact: Artifact, train: list[Example], hold: list[Example]) -> Artifact:
+    """The artifact with the memory weight the learner would fit (memory of its training window)."""
+    if not hold:
+        return artifact
+    domain = artifact.manifest.domain
+    predictor = Predictor(enc, _memory(enc, domain, train), comp)
+    texts, truth = [e.text for e in hold], [e.label for e in hold]
+    artifact = with_memory_weight(artifact, fit_memory_weight(predictor, artifact, domain, texts, truth))
+    floor = fit_compensation_floor(predictor, artifact, domain, texts, truth)
+    return artifact if floor is None else with_metrics(artifact, compensation_sim_low=floor)
+
+
+def _curve(enc: Encoder, trained, v1: Artifact, test, grid) -> dict[float, dict[str, float]]:
+    """Head-alone accuracy and flips vs v1 on ``test`` at each alpha of ``grid`` (and 0 = v1)."""
+    interp = Interpolator(trained, v1)
+    texts = [e.text for e in test]
+    index = {lab: i for i, lab in enumerate(trained.labels)}
+    truth = np.array([index.get(e.label, -1) for e in test])
+    interp.set(0.0)
+    old = interp.predict(enc, texts) == truth
+    out = {}
+    for alpha in sorted(grid):
+        interp.set(alpha)
+        new = interp.predict(enc, texts) == truth
+        nfr, pfr = flip_rates(old, new)
+        out[alpha] = {"accuracy": float(new.mean()), "nfr": nfr, "pfr": pfr}
+    interp.set(1.0)
+    return out
+
+
+def compare(v1: np.ndarray, naive: np.ndarray, ours: np.ndarray) -> dict[str, Any]:
+    """Gains, flips against v1 and the issue's ratios for one evaluation mode."""
+    acc_v1 = float(v1.mean())
+    rows: dict[str, Any] = {"v1": {"accuracy": acc_v1}}
+    for name, new in (("naive", naive), ("driftserve", ours)):
+        nfr, pfr = flip_rates(v1, new)
+        rows[name] = {
+            "accuracy": float(new.mean()),
+            "gain": float(new.mean()) - acc_v1,
+            "nfr": nfr,
+            "pfr": pfr,
+        }
+    n, d = rows["naive"], rows["driftserve"]
+    reduction = 1.0 - d["nfr"] / n["nfr"] if n["nfr"] > 0 else None
+    kept = d["gain"] / n["gain"] if n["gain"] > 0 else None
+    rows["targets"] = {
+        "nfr_reduction": reduction,
+        "gain_kept": kept,
+        "nfr_ok": d["nfr"] <= TARGET_NFR,
+        "reduction_ok": reduction is not None and reduction >= TARGET_REDUCTION,
+        # A naive update that gains nothing leaves nothing to keep: then the update must not lose accuracy.
+        "gain_ok": (kept >= TARGET_GAIN_KEPT) if kept is not None else d["gain"] >= n["gain"],
+    }
+    return rows
+
+
+def run(stream: Path, out: Path, cfg: NfrBench) -> dict[str, Any]:
+    started = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    events = read_stream(stream).events[cfg.start :]
+    domains = {_domain(e) for e in events}
+    if len(domains) != 1:
+        raise ValueError(f"bench nfr measures one domain; the stream has {sorted(domains)}")
+    (domain,) = domains
+    w1 = events[: cfg.v1_events]
+    w2 = events[cfg.v1_events : cfg.v1_events + cfg.update_events]
+    lo = cfg.v1_events + cfg.update_events + cfg.gap
+    test = events[lo : lo + cfg.eval_events]
+    if not (w1 and w2 and test):
+        raise ValueError("the stream is too short for these windows")
+
+    work = Path(tempfile.mkdtemp(prefix="bench-nfr-"))
+    art = out / "artifacts"
+    earlier = json.loads(Path(cfg.reuse).read_text())["artifacts"] if cfg.reuse else {}
+    buffers = ReplayBuffers(work / "buffers", capacity=cfg.buffer_capacity)
+
+    def feed(rows: list[StreamEvent]) -> None:
+        buffers.add(
+            [
+                FeedbackEvent(event_id=e.id, text=e.text, label=e.label, domain=_domain(e), ts=e.ts)
+                for e in rows
+            ]
+        )
+
+    enc = Encoder(cfg.model_path, device=cfg.device, max_length=cfg.max_length)
+    timings: dict[str, float] = {}
+
+    feed(w1)
+    v1_train, v1_hold = _split(buffers.examples(domain), cfg.holdout_frac)
+    t = time.monotonic()
+    if "v1" in earlier:
+        v1 = load_artifact(earlier["v1"], base_fingerprint=enc.fingerprint, dim=enc.dim)
+        v1 = _fitted(enc, cfg.comp, v1, v1_train, v1_hold)  # the memory weight is not in the manifest
+    else:
+        trained = train_adapter(enc, [e.text for e in v1_train], [e.label for e in v1_train], cfg.v1)
+        v1 = _fitted(enc, cfg.comp, _publish(enc, art, domain, trained, cfg.v1, None), v1_train, v1_hold)
+        timings["v1_train_s"] = time.monotonic() - t
+
+    feed(w2)
+    snap_train, snap_hold = _split(buffers.examples(domain), cfg.holdout_frac)
+    new_ids = {e.id for e in w2}
+    new_train = [e for e in snap_train if e.event_id in new_ids]  # the same new examples both updates see
+    parent = v1.manifest.version
+    naive_cfg = replace(cfg.update, distill_weight=0.0, bct_weight=0.0, interpolation_grid=())
+    t = time.monotonic()
+    if "naive" in earlier:
+        naive = load_artifact(earlier["naive"], base_fingerprint=enc.fingerprint, dim=enc.dim)
+        naive = _fitted(enc, cfg.comp, naive, snap_train, snap_hold)
+    else:
+        trained = train_adapter(
+            enc, [e.text for e in new_train], [e.label for e in new_train], naive_cfg, parent=v1
+        )
+        naive = _fitted(
+            enc, cfg.comp, _publish(enc, art, domain, trained, naive_cfg, parent), snap_train, snap_hold
+        )
+        timings["naive_train_s"] = time.monotonic() - t
+    t = time.monotonic()
+    old_train = [e for e in snap_train if e.event_id not in new_ids]
+    ours_train = replay_mix(new_train, old_train, cfg.update.replay_share, cfg.update.seed)
+    trained = train_adapter(
+        enc, [e.text for e in ours_train], [e.label for e in ours_train], cfg.update, parent=v1
+    )
+    timings["driftserve_train_s"] = time.monotonic() - t
+    # The interpolation curve on the evaluated slice (head alone), for the record; the learner's choice
+    # below sees only the holdout, as in service.
+    t = time.monotonic()
+    curve = (
+        _curve(enc, trained, v1, test, cfg.update.interpolation_grid) if cfg.update.interpolation_grid else {}
+    )
+    timings["curve_s"] = time.monotonic() - t
+    alpha = None
+    if cfg.update.interpolation_grid and snap_hold:
+        choice = choose_alpha(
+            enc,
+            trained,
+            v1,
+            [e.text for e in snap_hold],
+            [e.label for e in snap_hold],
+            cfg.update.interpolation_grid,
+        )
+        alpha = choice.alpha
+    ours = _fitted(
+        enc, cfg.comp, _publish(enc, art, domain, trained, cfg.update, parent), snap_train, snap_hold
+    )
+
+    t = time.monotonic()
+    memory = _memory(enc, domain, sorted(buffers.examples(domain), key=lambda e: e.ts))  # all feedback so far
+    answers = _answers(enc, memory, cfg.comp, {"v1": v1, "naive": naive, "driftserve": ours}, test, cfg.batch)
+    timings["evaluate_s"] = time.monotonic() - t
+
+    modes = {
+        mode: compare(answers["v1"][mode], answers["naive"][mode], answers["driftserve"][mode])
+        for mode in ("head", "served")
+    }
+    result: dict[str, Any] = {
+        "stream": str(stream),
+        "domain": domain,
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("v1", "update", "comp")},
+        "v1_config": asdict(cfg.v1),
+        "update_config": asdict(cfg.update),
+        "naive_config": asdict(naive_cfg),
+        "windows": {
+            "v1_train": len(v1_train),
+            "update_new_train": len(new_train),
+            "update_snapshot_train": len(snap_train),
+            "update_driftserve_train": len(ours_train),
+            "replay_share": 1.0 - len(new_train) / max(1, len(ours_train)),
+            "holdout": len(snap_hold),
+            "evaluated": len(test),
+        },
+        "compensation_sim_low": {
+            n: a.manifest.metrics.get("compensation_sim_low")
+            for n, a in (("v1", v1), ("naive", naive), ("driftserve", ours))
+        },
+        "memory_weight": {
+            n: a.manifest.metrics.get("memory_weight")
+            for n, a in (("v1", v1), ("naive", naive), ("driftserve", ours))
+        },
+        "artifacts": {n: str(a.path) for n, a in (("v1", v1), ("naive", naive), ("driftserve", ours))},
+        "interpolation_alpha": alpha,
+        "interpolation_curve": {str(a): r for a, r in curve.items()},
+        "memory_only_accuracy": float(answers["memory_only"]["served"].mean()),
+        "modes": modes,
+        "timings": timings,
+        "seconds": time.monotonic() - started,
+        "device": cfg.device,
+    }
+    (out / "nfr.json").write_text(json.dumps(result, indent=2))
+    (out / "nfr.md").write_text(markdown(result))
+    _plot(result, out / "nfr.png")
+    return result
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    w = result["windows"]
+    lines = [
+        f"# Negative flips of one update on {Path(result['stream']).name} (domain {result['domain']})",
+        "",
+        f"v1 trained on {w['v1_train']} examples; the update sees {w['update_new_train']} new examples "
+        f"(driftserve: {w.get('update_driftserve_train', w['update_snapshot_train'])} with replay, "
+        f"share {_pct(w['replay_share'])}); "
+        f"{w['evaluated']} later events evaluated; device {result['device']}.",
+        "",
+        "| mode | model | accuracy | gain vs v1 | NFR | PFR |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode, rows in result["modes"].items():
+        lines.append(f"| {mode} | v1 | {rows['v1']['accuracy']:.4f} | | | |")
+        for name in ("naive", "driftserve"):
+            r = rows[name]
+            lines.append(
+                f"| {mode} | {name} | {r['accuracy']:.4f} | {100 * r['gain']:+.2f} pt | "
+                f"{_pct(r['nfr'])} | {_pct(r['pfr'])} |"
+            )
+    lines += [
+        "",
+        "| mode | NFR <= 1% | NFR reduction vs naive (>= 40%) | gain kept (>= 95%) |",
+        "|---|---|---|---|",
+    ]
+    for mode, rows in result["modes"].items():
+        t = rows["targets"]
+        lines.append(
+            f"| {mode} | {_pct(rows['driftserve']['nfr'])} {'met' if t['nfr_ok'] else 'missed'} | "
+            f"{_pct(t['nfr_reduction'])} {'met' if t['reduction_ok'] else 'missed'} | "
+            f"{_pct(t['gain_kept'])} {'met' if t['gain_ok'] else 'missed'} |"
+        )
+    if result.get("interpolation_curve"):
+        lines += [
+            "",
+            f"driftserve's update ends at alpha {result['interpolation_alpha']} between v1 and its trained "
+            "weights (chosen on the holdout). Head alone on the evaluated slice at each alpha:",
+            "",
+            "| alpha | accuracy | NFR | PFR |",
+            "|---|---|---|---|",
+        ]
+        for a, r in result["interpolation_curve"].items():
+            lines.append(f"| {a} | {r['accuracy']:.4f} | {_pct(r['nfr'])} | {_pct(r['pfr'])} |")
+    lines.append(f"\nThe memory's scorer alone (no adapter): {result['memory_only_accuracy']:.4f}.")
+    mw = ", ".join(f"{k} {v:.1f}" for k, v in result["memory_weight"].items() if v is not None)
+    lines += [
+        "",
+        f"Memory weights fitted on the holdout: {mw}; compensation floors: "
+        + ", ".join(f"{k} {v}" for k, v in result.get("compensation_sim_low", {}).items())
+        + ".",
+        "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["timings"].items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    modes = list(result["modes"])
+    x = np.arange(len(modes))
+    for i, name in enumerate(("v1", "naive", "driftserve")):
+        axes[0].bar(
+            x + (i - 1) * 0.25, [result["modes"][m][name]["accuracy"] for m in modes], 0.25, label=name
+        )
+        if name != "v1":
+            axes[1].bar(
+                x + (i - 1.5) * 0.35,
+                [100 * result["modes"][m][name]["nfr"] for m in modes],
+                0.35,
+                label=f"{name} NFR",
+            )
+    axes[1].axhline(100 * TARGET_NFR, color="k", ls="--", lw=1, label="1% target")
+    for ax, title in zip(axes, ("accuracy on the later slice", "negative flips vs v1 (%)"), strict=True):
+        ax.set_xticks(x, modes)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    lo = min(result["modes"][m][n]["accuracy"] for m in modes for n in ("v1", "naive", "driftserve"))
+    axes[0].set_ylim(max(0.0, lo - 0.1), 1.0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
