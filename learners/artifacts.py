@@ -99,3 +99,22 @@ def publish(
 ) -> Path:
     """Stage and commit in one go (no evaluation in between)."""
     return commit(stage(artifacts_root, manifest, write_files))
+
+
+def publish_trained(
+    artifacts_root: str | Path, encoder, domain: str, trained, cfg, parent: str | None = None
+):
+    """Publish a ``train_adapter`` result (LoRA + head) and load it back as serving would."""
+    from serving.artifacts import load_artifact
+
+    manifest = ArtifactManifest(
+        domain=domain,
+        version=new_version(),
+        parent=parent,
+        base_fingerprint=encoder.fingerprint,
+        labels=trained.labels,
+        files={},
+        lora={"r": cfg.r, "alpha": cfg.alpha, "target_modules": list(cfg.target_modules)},
+    )
+    path = publish(artifacts_root, manifest, trained.write)
+    return load_artifact(path, base_fingerprint=encoder.fingerprint, dim=encoder.dim)

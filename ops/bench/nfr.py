@@ -52,7 +52,7 @@ from serving.encoder import Encoder
 from serving.memory import InProcessMemory
 from serving.predictor import Predictor, adapter_name
 from streams.redis_store import MemoryEntry
-from streams.schemas import DEFAULT_DOMAIN, ArtifactManifest, FeedbackEvent
+from streams.schemas import DEFAULT_DOMAIN, FeedbackEvent
 
 TARGET_NFR = 0.01
 TARGET_REDUCTION = 0.40
@@ -94,17 +94,7 @@ def _split(examples: list[Example], frac: float) -> tuple[list[Example], list[Ex
 def _publish(
     enc: Encoder, root: Path, domain: str, trained, cfg: TrainConfig, parent: str | None
 ) -> Artifact:
-    manifest = ArtifactManifest(
-        domain=domain,
-        version=artifacts.new_version(),
-        parent=parent,
-        base_fingerprint=enc.fingerprint,
-        labels=trained.labels,
-        files={},
-        lora={"r": cfg.r, "alpha": cfg.alpha, "target_modules": list(cfg.target_modules)},
-    )
-    path = artifacts.publish(root, manifest, trained.write)
-    return load_artifact(path, base_fingerprint=enc.fingerprint, dim=enc.dim)
+    return artifacts.publish_trained(root, enc, domain, trained, cfg, parent)
 
 
 def _memory(enc: Encoder, domain: str, examples: list[Example]) -> InProcessMemory:

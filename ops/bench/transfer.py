@@ -44,7 +44,7 @@ from serving.encoder import Encoder
 from serving.memory import InProcessMemory
 from serving.predictor import Predictor
 from streams.redis_store import MemoryEntry
-from streams.schemas import DEFAULT_DOMAIN, ArtifactManifest, FeedbackEvent
+from streams.schemas import DEFAULT_DOMAIN, FeedbackEvent
 
 
 @dataclass(frozen=True)
@@ -158,16 +158,7 @@ def _teacher(enc: Encoder, examples, cfg: TrainConfig, root: Path) -> Artifact:
         raise ValueError("bench transfer measures one domain; the stream has several")
     ((domain, rows),) = by_domain.items()
     trained = train_adapter(enc, [e.text for e in rows], [e.label for e in rows], cfg)
-    manifest = ArtifactManifest(
-        domain=domain,
-        version=artifacts.new_version(),
-        base_fingerprint=enc.fingerprint,
-        labels=trained.labels,
-        files={},
-        lora={"r": cfg.r, "alpha": cfg.alpha, "target_modules": list(cfg.target_modules)},
-    )
-    path = artifacts.publish(root, manifest, trained.write)
-    return load_artifact(path, base_fingerprint=enc.fingerprint, dim=enc.dim)
+    return artifacts.publish_trained(root, enc, domain, trained, cfg)
 
 
 def run(stream: Path, out: Path, cfg: TransferBench) -> dict[str, Any]:
