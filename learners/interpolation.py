@@ -109,3 +109,15 @@ def choose_alpha(
             best, best_key = alpha, key
     interp.set(best)
     return InterpolationChoice(best, scores)
+
+
+def choose_alpha_on(
+    encoder: Encoder, trained: TrainedAdapter, parent: Artifact, held_out, grid
+) -> float | None:
+    """``choose_alpha`` on held-out examples (``.text``, ``.label``); None, and ``trained`` untouched,
+    without a holdout or a grid."""
+    if not held_out or not grid:
+        return None
+    return choose_alpha(
+        encoder, trained, parent, [e.text for e in held_out], [e.label for e in held_out], grid
+    ).alpha

@@ -25,7 +25,7 @@ from learners import artifacts
 from learners.buffer import Example, ReplayBuffers
 from learners.drift import DriftMonitor
 from learners.evaluation import evaluate_candidate
-from learners.interpolation import choose_alpha
+from learners.interpolation import choose_alpha_on
 from learners.trainer import TrainConfig, replay_mix, train_adapter
 from serving import metrics
 from serving.artifacts import Artifact, load_artifact
@@ -185,16 +185,8 @@ class Learner:
             parent=None if unlearning else parent,
         )
         alpha = None
-        if parent is not None and not unlearning and hold and self.train_cfg.interpolation_grid:
-            choice = choose_alpha(
-                self.encoder,
-                trained,
-                parent,
-                [e.text for e in hold],
-                [e.label for e in hold],
-                self.train_cfg.interpolation_grid,
-            )
-            alpha = choice.alpha
+        if parent is not None and not unlearning:
+            alpha = choose_alpha_on(self.encoder, trained, parent, hold, self.train_cfg.interpolation_grid)
         version = artifacts.new_version()
         manifest = ArtifactManifest(
             domain=domain,

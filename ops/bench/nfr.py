@@ -42,7 +42,7 @@ from learners.evaluation import (
     with_memory_weight,
     with_metrics,
 )
-from learners.interpolation import Interpolator, choose_alpha
+from learners.interpolation import Interpolator, choose_alpha_on
 from learners.trainer import TrainConfig, replay_mix, train_adapter
 from ops.bench.transfer import _BatchMemo
 from ops.replay.stream import StreamEvent, read_stream
@@ -272,17 +272,7 @@ def run(stream: Path, out: Path, cfg: NfrBench) -> dict[str, Any]:
         _curve(enc, trained, v1, test, cfg.update.interpolation_grid) if cfg.update.interpolation_grid else {}
     )
     timings["curve_s"] = time.monotonic() - t
-    alpha = None
-    if cfg.update.interpolation_grid and snap_hold:
-        choice = choose_alpha(
-            enc,
-            trained,
-            v1,
-            [e.text for e in snap_hold],
-            [e.label for e in snap_hold],
-            cfg.update.interpolation_grid,
-        )
-        alpha = choice.alpha
+    alpha = choose_alpha_on(enc, trained, v1, snap_hold, cfg.update.interpolation_grid)
     ours = _fitted(
         enc, cfg.comp, _publish(enc, art, domain, trained, cfg.update, parent), snap_train, snap_hold
     )

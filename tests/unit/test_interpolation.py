@@ -9,7 +9,8 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from learners import artifacts
-from learners.interpolation import Interpolator, choose_alpha
+from learners.buffer import Example
+from learners.interpolation import Interpolator, choose_alpha, choose_alpha_on
 from learners.trainer import TrainConfig, train_adapter
 from serving.artifacts import load_artifact
 from streams.schemas import ArtifactManifest
@@ -61,6 +62,12 @@ def test_choose_alpha_picks_from_the_grid_and_reports_each_point(tmp_path, tiny_
     assert set(choice.scores) == {0.5, 1.0}
     assert all(0.0 <= s["nfr"] <= 1.0 and 0.0 <= s["accuracy"] <= 1.0 for s in choice.scores.values())
     assert choose_alpha(tiny_encoder, child, parent, [], []).alpha == 1.0
+    held_out = [
+        Example(f"h{i}", t, lab, 0.0) for i, (t, lab) in enumerate(zip(TEXTS[:8], LABELS[:8], strict=True))
+    ]
+    assert choose_alpha_on(tiny_encoder, child, parent, held_out, (0.5, 1.0)) == choice.alpha
+    assert choose_alpha_on(tiny_encoder, child, parent, [], (0.5, 1.0)) is None
+    assert choose_alpha_on(tiny_encoder, child, parent, held_out, ()) is None
 
 
 def test_muscle_flip_mask_trains_a_continued_run(tmp_path, tiny_encoder):
