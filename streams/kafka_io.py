@@ -95,7 +95,10 @@ def make_consumer(cfg: KafkaConfig, group_id: str, topics: Iterable[str]) -> Kaf
         session_timeout_ms=cfg.session_timeout_ms,
         heartbeat_interval_ms=cfg.heartbeat_interval_ms,
         max_poll_records=256,
-        fetch_max_wait_ms=50,  # feedback is latency-bound: do not let the broker hold a fetch for 500 ms
+        # A long poll: the broker answers as soon as a record arrives (3 ms p50 on the embedded broker with
+        # 50 or 500 here), so a shorter wait buys no latency, only idle fetches: at 50 ms each idle consumer
+        # cost ~3% of a core in fetch round-trips, in its own process and in the broker's.
+        fetch_max_wait_ms=500,
         max_poll_interval_ms=600_000,
     )
 
