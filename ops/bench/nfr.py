@@ -472,9 +472,11 @@ def markdown(result: dict[str, Any]) -> str:
     for mode, rows in result["modes"].items():
         t, iv = rows["targets"], rows.get("intervals", {})
 
-        def span(key: str, iv=iv) -> str:
+        def span(key: str, iv=iv, t=t) -> str:
             lo_hi = iv.get(key)
-            return f" [{_pct(lo_hi[0])}, {_pct(lo_hi[1])}]" if lo_hi else ""
+            if not lo_hi or t.get(key, 0.0) is None:  # a ratio to a naive gain <= 0 has no interval
+                return ""
+            return f" [{_pct(lo_hi[0])}, {_pct(lo_hi[1])}]"
 
         lines.append(
             f"| {mode} | {_pct(rows['driftserve']['nfr'])}{span('nfr')} "
