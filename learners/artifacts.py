@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from serving.artifacts import MANIFEST, sha256_file
+from serving.artifacts import ADAPTER_DIR, GUARD_DIR, HEAD_FILE, MANIFEST, Artifact, sha256_file
 from streams.schemas import ArtifactManifest
 
 TMP_PREFIX = ".tmp-"
@@ -101,10 +101,38 @@ def publish(
     return commit(stage(artifacts_root, manifest, write_files))
 
 
+def with_guard(write_files: Callable[[Path], None], parent: Artifact) -> Callable[[Path], None]:
+    """``write_files`` plus the parent's own adapter, head and manifest under ``guard/`` (serving.guard):
+    the artifact then serves the parent's answer wherever it is not sure of its own. The parent's own
+    guard is left out, so guards never chain."""
+
+    def write(directory: Path) -> None:
+        write_files(directory)
+        guard = directory / GUARD_DIR
+        shutil.copytree(parent.adapter_dir, guard / ADAPTER_DIR)
+        shutil.copy2(parent.path / HEAD_FILE, guard / HEAD_FILE)
+        own = {k: v for k, v in parent.manifest.files.items() if not k.startswith(f"{GUARD_DIR}/")}
+        for junk in (guard / ADAPTER_DIR).rglob("*"):  # e.g. a model card the manifest does not list
+            if junk.is_file() and junk.relative_to(guard).as_posix() not in own:
+                junk.unlink()
+        (guard / MANIFEST).write_text(
+            parent.manifest.model_copy(update={"files": own}).model_dump_json(indent=2)
+        )
+
+    return write
+
+
 def publish_trained(
-    artifacts_root: str | Path, encoder, domain: str, trained, cfg, parent: str | None = None
+    artifacts_root: str | Path,
+    encoder,
+    domain: str,
+    trained,
+    cfg,
+    parent: str | None = None,
+    guard: Artifact | None = None,
 ):
-    """Publish a ``train_adapter`` result (LoRA + head) and load it back as serving would."""
+    """Publish a ``train_adapter`` result (LoRA + head) and load it back as serving would; ``guard``: a
+    guarded artifact carrying that parent (``with_guard``)."""
     from serving.artifacts import load_artifact
 
     manifest = ArtifactManifest(
@@ -116,5 +144,6 @@ def publish_trained(
         files={},
         lora={"r": cfg.r, "alpha": cfg.alpha, "target_modules": list(cfg.target_modules)},
     )
-    path = publish(artifacts_root, manifest, trained.write)
+    write = trained.write if guard is None else with_guard(trained.write, guard)
+    path = publish(artifacts_root, manifest, write)
     return load_artifact(path, base_fingerprint=encoder.fingerprint, dim=encoder.dim)

@@ -16,6 +16,10 @@ Before those predictions, the candidate's ``memory_weight`` (its head's share ne
 scorer at serving time, ``serving.predictor.memory_weight``) is fitted on the held-out feedback: the
 weight on a grid that maximises held-out accuracy (ties: log-likelihood). It travels in the manifest's
 metrics, so serving mixes exactly as evaluated.
+
+A guarded candidate (``serving.guard``: it keeps its parent's answer unless it is sure of its own) gets its
+``guard_margin`` fitted the same way, after the weight and the floor: the margin on a grid that maximises
+held-out PFR - ``GUARD_NFR_COST`` * NFR against the parent, both served by the Predictor.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from learners.buffer import Example
 from serving.artifacts import Artifact
 from serving.compensator import CompensationConfig, compensate_batch
 from serving.encoder import Encoder
+from serving.guard import GUARD_MARGIN, keeps_parent
 from serving.memory import InProcessMemory
 from serving.predictor import Prediction, Predictor, adapter_name, memory_weight, mix_distributions
 from streams.redis_store import MemoryEntry
@@ -38,6 +43,8 @@ ECE_BINS = 15
 COMPAT_GALLERY = 512
 WEIGHT_GRID = np.linspace(0.0, 1.0, 11)
 FLOOR_GRID = (0.7, 0.8, 0.9)  # compensation floors tried above the deployment's sim_low
+GUARD_GRID = (0.0, 0.1, 0.2, 0.3, 0.4)  # guard margins tried (0: only a tie keeps the parent's answer)
+GUARD_NFR_COST = 2.0  # a negative flip costs this many positive flips (as learners.interpolation)
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -176,6 +183,54 @@ def with_memory_weight(artifact: Artifact, weight: float) -> Artifact:
     return with_metrics(artifact, memory_weight=weight)
 
 
+def choose_guard_margin(
+    new: Sequence[Prediction],
+    old_labels: Sequence[str | None],
+    truth: Sequence[str],
+    grid: Sequence[float] = GUARD_GRID,
+) -> tuple[float, dict[float, dict[str, float]]]:
+    """The margin of ``grid`` whose guarded answers score best (PFR - GUARD_NFR_COST * NFR against the
+    old answers; ties to the smaller margin, which keeps more of the update), with every point's
+    accuracy, NFR and PFR."""
+    truth = list(truth)
+    old_right = np.array([o == t for o, t in zip(old_labels, truth, strict=True)], dtype=bool)
+    best, best_key = (min(grid) if grid else 0.0), -np.inf
+    table: dict[float, dict[str, float]] = {}
+    for margin in sorted(grid):
+        labels = [
+            o if keeps_parent(p.scores, p.label, o, margin) else p.label
+            for p, o in zip(new, old_labels, strict=True)
+        ]
+        right = np.array([lab == t for lab, t in zip(labels, truth, strict=True)], dtype=bool)
+        nfr, pfr = flip_rates(old_right, right)
+        table[margin] = {"accuracy": float(right.mean()) if len(right) else 0.0, "nfr": nfr, "pfr": pfr}
+        key = pfr - GUARD_NFR_COST * nfr
+        if key > best_key + 1e-12:
+            best, best_key = float(margin), key
+    return best, table
+
+
+def fit_guard_margin(
+    predictor: Predictor,
+    candidate: Artifact,
+    domain: str,
+    texts: Sequence[str],
+    truth: Sequence[str],
+    grid: Sequence[float] = GUARD_GRID,
+) -> float | None:
+    """The guard margin for a guarded ``candidate`` (at its memory weight and floor) on held-out labels,
+    both versions served by ``predictor``; None for an artifact without a guard."""
+    if candidate.guard is None or not len(truth):
+        return None
+    domains = [domain] * len(texts)
+    predictor.activate(candidate.guard)
+    old = [p.label for p in predictor.predict(texts, domains)]
+    predictor.activate(dataclasses.replace(candidate, guard=None))
+    new = predictor.predict(texts, domains)
+    predictor.deactivate(domain)
+    return choose_guard_margin(new, old, truth, grid)[0]
+
+
 def evaluate_candidate(
     encoder: Encoder,
     comp: CompensationConfig,
@@ -185,8 +240,10 @@ def evaluate_candidate(
     train: Sequence[Example],
     hold: Sequence[Example],
     memory_entries: Sequence[MemoryEntry],
+    guard_margin: float | None = None,
 ) -> dict[str, float]:
-    """The report the offline gate reads; empty without held-out examples."""
+    """The report the offline gate reads; empty without held-out examples. A guarded candidate is served
+    at ``guard_margin``, or at the margin fitted on the holdout when it is None."""
     if not hold:
         return {}
     memory = InProcessMemory(encoder.dim)
@@ -206,6 +263,13 @@ def evaluate_candidate(
     floor = _best_floor(predictor, domain, texts, mixed, mixed_vocab, truth)
     if floor is not None:
         candidate = with_metrics(candidate, compensation_sim_low=floor)
+    margin = None
+    if candidate.guard is not None:
+        margin = guard_margin
+        if margin is None:
+            margin = fit_guard_margin(predictor, with_memory_weight(candidate, weight), domain, texts, truth)
+    if margin is not None:
+        candidate = with_metrics(candidate, **{GUARD_MARGIN: margin})
     if parent is not None:
         predictor.activate(parent)
     old_correct, old_conf = _outcome(predictor.predict(texts, [domain] * len(texts)), truth)
@@ -234,6 +298,7 @@ def evaluate_candidate(
         "current_ece": expected_calibration_error(old_conf, old_correct),
         "memory_weight": weight,
         **({"compensation_sim_low": floor} if floor is not None else {}),
+        **({GUARD_MARGIN: margin} if margin is not None else {}),
         "adapter_accuracy": float(head_correct.mean()),
         "adapter_nfr": flip_rates(old_correct, head_correct)[0],
     }

@@ -207,7 +207,10 @@ class Learner:
                 "to_ts": examples[-1].ts,
             },
         )
-        staged = artifacts.stage(self.artifacts_dir, manifest, trained.write)
+        write = trained.write
+        if parent is not None and not unlearning and self.train_cfg.guard:
+            write = artifacts.with_guard(trained.write, parent)  # margin fitted in evaluate_candidate
+        staged = artifacts.stage(self.artifacts_dir, manifest, write)
         try:
             candidate = load_artifact(staged, base_fingerprint=self.encoder.fingerprint, dim=self.encoder.dim)
             scores = self.evaluate(domain, candidate, parent, train, hold)
@@ -260,7 +263,17 @@ class Learner:
     ) -> dict[str, float]:
         train_ids = {e.event_id for e in train}
         entries = [e for e in self.memory_log.iter_all() if e.domain == domain and e.event_id in train_ids]
-        return evaluate_candidate(self.encoder, self.comp, domain, candidate, parent, train, hold, entries)
+        return evaluate_candidate(
+            self.encoder,
+            self.comp,
+            domain,
+            candidate,
+            parent,
+            train,
+            hold,
+            entries,
+            guard_margin=self.train_cfg.guard_margin,
+        )
 
     # -- the loop ---------------------------------------------------------------------------------------
     def apply(self, records: list) -> None:

@@ -348,7 +348,18 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--update-steps", type=int, default=150, help="steps of each update (nfr)")
     parser.add_argument("--seed", type=int, default=0, help="training seed of every model (nfr)")
     parser.add_argument("--reuse", help="an earlier nfr.json: reuse its v1 and naive artifacts (nfr)")
-    parser.add_argument("--distill-mask", choices=["old_right", "flips"], help="driftserve update's (nfr)")
+    parser.add_argument(
+        "--distill-mask", choices=["old_right", "flips", "focal"], help="driftserve update's (nfr)"
+    )
+    parser.add_argument(
+        "--interpolation-grid", help="driftserve update's, comma-separated; '' for none (nfr)"
+    )
+    parser.add_argument("--no-guard", action="store_true", help="driftserve update without its guard (nfr)")
+    parser.add_argument("--guard-margin", type=float, help="driftserve update's guard margin (nfr)")
+    parser.add_argument(
+        "--fit-guard-margin", action="store_true", help="fit the guard margin on the holdout (nfr)"
+    )
+    parser.add_argument("--no-curve", action="store_true", help="skip the interpolation curve (nfr)")
     parser.add_argument("--distill-weight", type=float, help="driftserve update's distillation weight (nfr)")
     parser.add_argument("--replay-share", type=float, help="driftserve update's replay share (nfr)")
 
@@ -441,6 +452,13 @@ def _bench_transfer(args: argparse.Namespace, settings: Settings, out) -> int:
     return 0
 
 
+def _grid(text: str | None) -> tuple[float, ...] | None:
+    """A comma-separated grid ('' for an empty one), or None when the option is absent."""
+    if text is None:
+        return None
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
 def _bench_nfr(args: argparse.Namespace, settings: Settings, out) -> int:
     from dataclasses import replace
     from pathlib import Path
@@ -463,6 +481,7 @@ def _bench_nfr(args: argparse.Namespace, settings: Settings, out) -> int:
         max_length=settings.max_length,
         model_path=settings.model_path,
         reuse=args.reuse,
+        curve=not args.no_curve,
         v1=replace(learner, epochs=10_000, max_steps=args.v1_steps, seed=args.seed),
         update=replace(
             learner,
@@ -475,9 +494,18 @@ def _bench_nfr(args: argparse.Namespace, settings: Settings, out) -> int:
                     ("distill_mask", args.distill_mask),
                     ("distill_weight", args.distill_weight),
                     ("replay_share", args.replay_share),
+                    ("guard", False if args.no_guard else None),
+                    ("interpolation_grid", _grid(args.interpolation_grid)),
                 )
                 if v is not None
             },
+            **(
+                {"guard_margin": None}
+                if args.fit_guard_margin
+                else {}
+                if args.guard_margin is None
+                else {"guard_margin": args.guard_margin}
+            ),
         ),
         comp=settings.compensation(),
     )

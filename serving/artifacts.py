@@ -5,6 +5,10 @@ and ``adapter/{adapter_config.json, adapter_model.safetensors}``. Only safetenso
 whose sha256 differs from the manifest, a file the manifest does not list, a pickle-capable format,
 non-finite weights, a head whose shape does not match its labels, or another base model's artifact is
 rejected with :class:`ArtifactRejected` and never loaded.
+
+A *guarded* artifact (a compatible prediction update, ``serving.guard``) also carries its parent's own
+adapter and head under ``guard/``, with the parent's manifest: a complete artifact of its own, verified the
+same way, hashed in the outer manifest too. A guard never carries a guard (one level, bounded cost).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from streams.schemas import ArtifactManifest
 MANIFEST = "manifest.json"
 HEAD_FILE = "head.safetensors"
 ADAPTER_DIR = "adapter"
+GUARD_DIR = "guard"
 _ALLOWED_SUFFIXES = {".safetensors", ".json"}
 
 
@@ -57,6 +62,7 @@ class Artifact:
     path: Path
     manifest: ArtifactManifest
     head: Head
+    guard: Artifact | None = None  # the parent whose answers this one keeps unless it is sure (serving.guard)
 
     @property
     def adapter_dir(self) -> Path:
@@ -69,7 +75,7 @@ def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
             raise ArtifactRejected("non_finite", f"{where}:{name} has NaN or inf")
 
 
-def load_artifact(path: str | Path, *, base_fingerprint: str, dim: int) -> Artifact:
+def load_artifact(path: str | Path, *, base_fingerprint: str, dim: int, _nested: bool = False) -> Artifact:
     """Verify everything, then return the head; the LoRA weights are loaded by the encoder afterwards."""
     root = Path(path)
     try:
@@ -115,4 +121,9 @@ def load_artifact(path: str | Path, *, base_fingerprint: str, dim: int) -> Artif
         weight=weight.float().numpy().astype(np.float32),
         bias=bias.float().numpy().astype(np.float32),
     )
-    return Artifact(path=root, manifest=manifest, head=head)
+    guard = None
+    if (root / GUARD_DIR / MANIFEST).is_file():
+        if _nested:
+            raise ArtifactRejected("nested_guard", f"{root}: a guard must not carry a guard")
+        guard = load_artifact(root / GUARD_DIR, base_fingerprint=base_fingerprint, dim=dim, _nested=True)
+    return Artifact(path=root, manifest=manifest, head=head, guard=guard)

@@ -24,6 +24,7 @@ from serving import metrics
 from serving.artifacts import Artifact
 from serving.compensator import CompensationConfig, compensate_batch
 from serving.encoder import Encoder, TextEncoder
+from serving.guard import guard_margin, keeps_parent
 from serving.memory import InProcessMemory
 from streams.schemas import DEFAULT_DOMAIN
 
@@ -50,6 +51,18 @@ class Prediction:
 class ActiveAdapter:
     name: str  # the encoder's adapter name: "<domain>@<content hash>", so a cache never serves stale weights
     artifact: Artifact
+
+    @property
+    def guard(self) -> ActiveAdapter | None:
+        """The parent a guarded artifact carries (``serving.guard``), as an adapter of its own."""
+        g = self.artifact.guard
+        return None if g is None else ActiveAdapter(adapter_name(g), g)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every encoder adapter this version needs loaded: its own and its guard's."""
+        g = self.guard
+        return (self.name,) if g is None else (self.name, g.name)
 
 
 @dataclass(frozen=True)
@@ -142,19 +155,21 @@ class Predictor:
         """
         m = artifact.manifest
         name = adapter_name(artifact)
+        new = ActiveAdapter(name, artifact)
         with self._swap_lock:
             old = self._active.get(m.domain)
-            if old is not None and old.name == name and old.artifact.manifest.version == m.version:
-                return  # a new version with the same LoRA weights (e.g. only its head changed) still swaps
-            if name not in self._loaded:
-                self.encoder.add_adapter(name, artifact.adapter_dir)  # outside the request path
+            if old is not None and old.name == name and old.artifact.manifest == m and new.names == old.names:
+                # Nothing changed. A new version with the same LoRA weights (e.g. only its head changed),
+                # or the same version with new calibration metrics, still swaps.
+                return
+            self._load(new)  # outside the request path
             with self.encoder.lock:
-                self._active = {**self._active, m.domain: ActiveAdapter(name, artifact)}
-                self._loaded[name] = m.domain
-                self._loaded.move_to_end(name)
-                if old is not None and old.name != name:
-                    self._drop_unused(old.name)
-                self._evict(keep=name)
+                self._active = {**self._active, m.domain: new}
+                self._mark_used(new)
+                if old is not None:
+                    for gone in set(old.names) - set(new.names):
+                        self._drop_unused(gone)
+                self._evict(keep=new.names)
         log.info("serving adapter %s version %s (parent %s)", name, m.version, m.parent)
 
     def deactivate(self, domain: str) -> None:
@@ -162,7 +177,8 @@ class Predictor:
             old = self._active.get(domain)
             if old is not None:
                 self._active = {d: a for d, a in self._active.items() if d != domain}
-                self._drop_unused(old.name)
+                for name in old.names:
+                    self._drop_unused(name)
 
     def rollout_versions(self) -> dict[str, str]:
         return {d: r.adapter.artifact.manifest.version for d, r in self._rollouts.items()}
@@ -179,16 +195,15 @@ class Predictor:
         domain, name = artifact.manifest.domain, adapter_name(artifact)
         rollout = Rollout(stage, ActiveAdapter(name, artifact), weight, shadow_share)
         with self._swap_lock:
-            if name not in self._loaded:
-                self.encoder.add_adapter(name, artifact.adapter_dir)
+            self._load(rollout.adapter)
             with self.encoder.lock:
                 old = self._rollouts.get(domain)
                 self._rollouts = {**self._rollouts, domain: rollout}
-                self._loaded[name] = domain
-                self._loaded.move_to_end(name)
-                if old is not None and old.adapter.name != name:
-                    self._drop_unused(old.adapter.name)
-                self._evict(keep=name)
+                self._mark_used(rollout.adapter)
+                if old is not None:
+                    for gone in set(old.adapter.names) - set(rollout.adapter.names):
+                        self._drop_unused(gone)
+                self._evict(keep=rollout.adapter.names)
 
     def clear_rollout(self, domain: str) -> None:
         """End the domain's rollout: from the next batch on, no request reaches the candidate."""
@@ -196,11 +211,13 @@ class Predictor:
             old = self._rollouts.get(domain)
             if old is not None:
                 self._rollouts = {d: r for d, r in self._rollouts.items() if d != domain}
-                self._drop_unused(old.adapter.name)
+                for name in old.adapter.names:
+                    self._drop_unused(name)
 
     def _drop_unused(self, name: str) -> None:
         """Unload an adapter no active version or rollout uses any more. Caller holds the encoder lock."""
-        in_use = {a.name for a in self._active.values()} | {r.adapter.name for r in self._rollouts.values()}
+        in_use = {n for a in self._active.values() for n in a.names}
+        in_use |= {n for r in self._rollouts.values() for n in r.adapter.names}
         if name in self._loaded and name not in in_use:
             self._unload(name)
 
@@ -216,26 +233,45 @@ class Predictor:
         self.encoder.remove_adapter(name)
         del self._loaded[name]
 
-    def _evict(self, keep: str | None) -> None:
+    def _load(self, active: ActiveAdapter) -> None:
+        """Add the version's adapters (its own, its guard's) the encoder does not hold yet."""
+        for name, artifact in self._adapters(active):
+            if name not in self._loaded:
+                self.encoder.add_adapter(name, artifact.adapter_dir)
+
+    @staticmethod
+    def _adapters(active: ActiveAdapter) -> list[tuple[str, Artifact]]:
+        guard = active.guard
+        return [(active.name, active.artifact)] + ([] if guard is None else [(guard.name, guard.artifact)])
+
+    def _mark_used(self, active: ActiveAdapter) -> None:
+        """Record the version's adapters as loaded and most recently used. Caller holds the encoder lock."""
+        for name in reversed(active.names):  # its own adapter ends most recent
+            self._loaded[name] = active.artifact.manifest.domain
+            self._loaded.move_to_end(name)
+
+    def _evict(self, keep: Sequence[str] | None) -> None:
         """Least recently used first; pinned domains and ``keep`` stay. Caller holds the encoder lock."""
         for name in list(self._loaded):
             if len(self._loaded) <= self.cache.max_loaded:
                 return
-            if name == keep or self._loaded[name] in self.cache.pinned:
+            if (keep is not None and name in keep) or self._loaded[name] in self.cache.pinned:
                 continue
             self._unload(name)
             metrics.ADAPTER_CACHE.labels("eviction").inc()
 
     def _use(self, active: ActiveAdapter) -> None:
-        """Make sure the adapter is loaded (on demand after an eviction). Caller holds the encoder lock."""
-        if active.name in self._loaded:
-            self._loaded.move_to_end(active.name)
-            metrics.ADAPTER_CACHE.labels("hit").inc()
-            return
-        metrics.ADAPTER_CACHE.labels("miss").inc()
-        self.encoder.add_adapter(active.name, active.artifact.adapter_dir)
-        self._loaded[active.name] = active.artifact.manifest.domain
-        self._evict(keep=active.name)
+        """Make sure the version's adapters are loaded (on demand after an eviction). Caller holds the
+        encoder lock."""
+        for name, artifact in self._adapters(active):
+            if name in self._loaded:
+                self._loaded.move_to_end(name)
+                metrics.ADAPTER_CACHE.labels("hit").inc()
+                continue
+            metrics.ADAPTER_CACHE.labels("miss").inc()
+            self.encoder.add_adapter(name, artifact.adapter_dir)
+            self._loaded[name] = artifact.manifest.domain
+        self._evict(keep=active.names)
 
     # -- prediction -----------------------------------------------------------------------------------
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -315,7 +351,8 @@ class Predictor:
         """Score one domain's rows with its promoted adapter, or (``rollout``) its candidate; None when
         the candidate is gone. The adapter is resolved under the encoder lock, so a swap that unloads it
         cannot slip in between."""
-        head_probs = None
+        head_probs = guard_probs = None
+        guard = None
         with self.encoder.lock:
             if rollout:
                 current = self._rollouts.get(domain)
@@ -329,8 +366,25 @@ class Predictor:
                 self._use(active)
                 adapted = self.encoder.encode(texts, adapter=active.name)
                 head_probs = active.artifact.head.probs(adapted)
+                if guard_margin(active.artifact) is not None:
+                    guard = active.guard
+                    assert guard is not None
+                    guard_probs = guard.artifact.head.probs(self.encoder.encode(texts, adapter=guard.name))
                 metrics.STAGE_LATENCY.labels("adapter").observe(time.perf_counter() - t1)
-        return self._finish_group(domain, keys, active, head_probs)
+        preds = self._finish_group(domain, keys, active, head_probs)
+        if guard is None or active is None:
+            return preds
+        # A compatible prediction update (serving.guard): the parent's answer stands where the candidate
+        # disagrees without being sure; it is served under the candidate's version, which it now is.
+        margin = guard_margin(active.artifact)
+        assert margin is not None
+        parent = self._finish_group(domain, keys, guard, guard_probs)
+        return [
+            replace(o, model_version=n.model_version, adapter=n.adapter)
+            if keeps_parent(n.scores, n.label, o.label, margin)
+            else n
+            for n, o in zip(preds, parent, strict=True)
+        ]
 
     def _canary(
         self,

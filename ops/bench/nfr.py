@@ -10,16 +10,19 @@ model, the same seed and the same number of optimizer steps for both updates):
    * ``naive``: plain fine-tuning, continued from v1 on window 2 only: no replay, no distillation, no
      BCT term (``distill_weight = bct_weight = 0``);
    * ``driftserve``: what the learner does: the replay buffer's snapshot (old examples beside the new
-     ones), re-warmed and re-decayed learning rate, MUSCLE distillation on the samples v1 gets right and
-     the BCT influence term (the learner's ``TrainConfig`` compatibility settings).
+     ones), re-warmed and re-decayed learning rate, MUSCLE distillation and the BCT influence term, the
+     interpolation toward v1 and the guard (``serving.guard``: the update keeps v1's answer unless it is
+     sure of its own, margin fitted on the holdout) — the learner's ``TrainConfig`` compatibility settings.
 
 3. Every model answers a held-out later slice (``eval_events`` events after a ``gap``) twice: its head
    alone, and through serving's own ``Predictor`` (the error memory holding windows 1 and 2, the
    scorer's experts, compensation, and the memory weight fitted as the learner fits it).
 
-Reported per update and mode: accuracy, gain over v1, NFR and PFR against v1 in the same mode, and the
-issue's ratios: NFR reduction vs naive (target >= 40%), share of naive's gain kept (target >= 95%),
-NFR <= 1% absolute.
+Reported per update and mode: accuracy, gain over v1, NFR and PFR against v1 in the same mode (with the
+flip counts and 95% Wilson intervals), and the issue's ratios: NFR reduction vs naive (target >= 40%),
+share of naive's gain kept (target >= 95%), NFR <= 1% absolute, each ratio with a 95% paired bootstrap
+interval over the evaluated events (the evaluation slice's sampling noise; training noise is not in it).
+In head mode a guarded update is its head gated by v1's head at the fitted margin.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from learners import artifacts
 from learners.buffer import Example, ReplayBuffers
 from learners.evaluation import (
     fit_compensation_floor,
+    fit_guard_margin,
     fit_memory_weight,
     flip_rates,
     with_memory_weight,
@@ -49,6 +53,7 @@ from ops.replay.stream import StreamEvent, read_stream
 from serving.artifacts import Artifact, load_artifact
 from serving.compensator import CompensationConfig
 from serving.encoder import Encoder
+from serving.guard import GUARD_MARGIN, guard_margin, keeps_parent
 from serving.memory import InProcessMemory
 from serving.predictor import Predictor, adapter_name
 from streams.redis_store import MemoryEntry
@@ -57,6 +62,7 @@ from streams.schemas import DEFAULT_DOMAIN, FeedbackEvent
 TARGET_NFR = 0.01
 TARGET_REDUCTION = 0.40
 TARGET_GAIN_KEPT = 0.95
+BOOTSTRAP = 2000  # paired resamples of the evaluated events for the ratios' intervals
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class NfrBench:
     reuse: str | None = (
         None  # an earlier run's nfr.json: its v1 and naive artifacts are loaded, not retrained
     )
+    curve: bool = True  # the interpolation curve on the evaluated slice (one head pass per grid point)
     # Both updates run exactly ``update.max_steps`` steps (epochs set high enough), so they cost the same.
     v1: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, max_steps=150))
     update: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, max_steps=150))
@@ -92,9 +99,15 @@ def _split(examples: list[Example], frac: float) -> tuple[list[Example], list[Ex
 
 
 def _publish(
-    enc: Encoder, root: Path, domain: str, trained, cfg: TrainConfig, parent: str | None
+    enc: Encoder,
+    root: Path,
+    domain: str,
+    trained,
+    cfg: TrainConfig,
+    parent: str | None,
+    guard: Artifact | None = None,
 ) -> Artifact:
-    return artifacts.publish_trained(root, enc, domain, trained, cfg, parent)
+    return artifacts.publish_trained(root, enc, domain, trained, cfg, parent, guard=guard)
 
 
 def _memory(enc: Encoder, domain: str, examples: list[Example]) -> InProcessMemory:
@@ -131,8 +144,7 @@ def _answers(
             out["memory_only"]["served"] += [p.label == t for p, t in zip(preds, truth, strict=True)]
             for name, artifact in models.items():
                 predictor.activate(artifact)
-                head = artifact.head.probs(memo(texts, adapter_name(artifact)))
-                labels = [artifact.head.labels[j] for j in head.argmax(1)]
+                labels = _head_labels(artifact, memo, texts)
                 out[name]["head"] += [p == t for p, t in zip(labels, truth, strict=True)]
                 preds = predictor.predict(texts, domains)
                 out[name]["served"] += [p.label == t for p, t in zip(preds, truth, strict=True)]
@@ -142,8 +154,32 @@ def _answers(
     return {name: {m: np.array(v, dtype=bool) for m, v in modes.items()} for name, modes in out.items()}
 
 
-def _fitted(enc: Encoder, comp, artifact: Artifact, train: list[Example], hold: list[Example]) -> Artifact:
-    """The artifact with the memory weight the learner would fit (memory of its training window)."""
+def _head_labels(artifact: Artifact, memo, texts: list[str]) -> list[str]:
+    """The head alone; a guarded artifact's head gated by its guard's head at its margin."""
+    head = artifact.head.probs(memo(texts, adapter_name(artifact)))
+    labels = [artifact.head.labels[j] for j in head.argmax(1)]
+    margin = guard_margin(artifact)
+    if margin is None or artifact.guard is None:
+        return labels
+    g = artifact.guard.head
+    old = [g.labels[j] for j in g.probs(memo(texts, adapter_name(artifact.guard))).argmax(1)]
+    vocab = artifact.head.labels
+    return [
+        o if keeps_parent(dict(zip(vocab, row, strict=True)), n, o, margin) else n
+        for row, n, o in zip(head.tolist(), labels, old, strict=True)
+    ]
+
+
+def _fitted(
+    enc: Encoder,
+    comp,
+    artifact: Artifact,
+    train: list[Example],
+    hold: list[Example],
+    guard_margin: float | None = None,
+) -> Artifact:
+    """The artifact with the memory weight, compensation floor and (guarded) margin the learner would fit
+    (memory of its training window)."""
     if not hold:
         return artifact
     domain = artifact.manifest.domain
@@ -151,7 +187,14 @@ def _fitted(enc: Encoder, comp, artifact: Artifact, train: list[Example], hold: 
     texts, truth = [e.text for e in hold], [e.label for e in hold]
     artifact = with_memory_weight(artifact, fit_memory_weight(predictor, artifact, domain, texts, truth))
     floor = fit_compensation_floor(predictor, artifact, domain, texts, truth)
-    return artifact if floor is None else with_metrics(artifact, compensation_sim_low=floor)
+    if floor is not None:
+        artifact = with_metrics(artifact, compensation_sim_low=floor)
+    if artifact.guard is None:
+        return artifact
+    margin = guard_margin
+    if margin is None:
+        margin = fit_guard_margin(predictor, artifact, domain, texts, truth)
+    return artifact if margin is None else with_metrics(artifact, **{GUARD_MARGIN: margin})
 
 
 def _curve(enc: Encoder, trained, v1: Artifact, test, grid) -> dict[float, dict[str, float]]:
@@ -172,17 +215,66 @@ def _curve(enc: Encoder, trained, v1: Artifact, test, grid) -> dict[float, dict[
     return out
 
 
-def compare(v1: np.ndarray, naive: np.ndarray, ours: np.ndarray) -> dict[str, Any]:
-    """Gains, flips against v1 and the issue's ratios for one evaluation mode."""
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a rate k/n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def _ratios(v1: np.ndarray, naive: np.ndarray, ours: np.ndarray) -> tuple[float, float]:
+    """(NFR reduction vs naive, share of naive's gain kept); nan where undefined."""
+    nf_naive = np.mean(v1 & ~naive)
+    gain_naive = naive.mean() - v1.mean()
+    reduction = 1.0 - np.mean(v1 & ~ours) / nf_naive if nf_naive > 0 else np.nan
+    kept = (ours.mean() - v1.mean()) / gain_naive if gain_naive > 0 else np.nan
+    return float(reduction), float(kept)
+
+
+def bootstrap(
+    v1: np.ndarray, naive: np.ndarray, ours: np.ndarray, n: int = BOOTSTRAP, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """95% paired bootstrap intervals (events resampled) of the ratios and of driftserve's NFR and gain."""
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n):
+        i = rng.integers(0, len(v1), len(v1))
+        a, b, c = v1[i], naive[i], ours[i]
+        draws.append((*_ratios(a, b, c), np.mean(a & ~c), c.mean() - a.mean(), b.mean() - a.mean()))
+    arr = np.array(draws)
+    out = {}
+    for j, name in enumerate(("nfr_reduction", "gain_kept", "nfr", "gain", "naive_gain")):
+        col = arr[:, j][np.isfinite(arr[:, j])]
+        out[name] = (
+            (float(np.quantile(col, 0.025)), float(np.quantile(col, 0.975))) if len(col) else (np.nan,) * 2
+        )
+    return out
+
+
+def compare(
+    v1: np.ndarray, naive: np.ndarray, ours: np.ndarray, unguarded: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Gains, flips against v1 and the issue's ratios for one evaluation mode (``unguarded``: the
+    driftserve update without its guard, reported beside it)."""
     acc_v1 = float(v1.mean())
-    rows: dict[str, Any] = {"v1": {"accuracy": acc_v1}}
-    for name, new in (("naive", naive), ("driftserve", ours)):
+    rows: dict[str, Any] = {"v1": {"accuracy": acc_v1, "n": len(v1)}}
+    updates = [("naive", naive), ("driftserve", ours)]
+    if unguarded is not None:
+        updates.append(("unguarded", unguarded))
+    for name, new in updates:
         nfr, pfr = flip_rates(v1, new)
+        nf, pf = int(np.sum(v1 & ~new)), int(np.sum(~v1 & new))
         rows[name] = {
             "accuracy": float(new.mean()),
             "gain": float(new.mean()) - acc_v1,
             "nfr": nfr,
             "pfr": pfr,
+            "nf": nf,
+            "pf": pf,
+            "nfr_ci": wilson(nf, len(v1)),
         }
     n, d = rows["naive"], rows["driftserve"]
     reduction = 1.0 - d["nfr"] / n["nfr"] if n["nfr"] > 0 else None
@@ -195,6 +287,7 @@ def compare(v1: np.ndarray, naive: np.ndarray, ours: np.ndarray) -> dict[str, An
         # A naive update that gains nothing leaves nothing to keep: then the update must not lose accuracy.
         "gain_ok": (kept >= TARGET_GAIN_KEPT) if kept is not None else d["gain"] >= n["gain"],
     }
+    rows["intervals"] = bootstrap(v1, naive, ours)
     return rows
 
 
@@ -245,7 +338,7 @@ def run(stream: Path, out: Path, cfg: NfrBench) -> dict[str, Any]:
     new_ids = {e.id for e in w2}
     new_train = [e for e in snap_train if e.event_id in new_ids]  # the same new examples both updates see
     parent = v1.manifest.version
-    naive_cfg = replace(cfg.update, distill_weight=0.0, bct_weight=0.0, interpolation_grid=())
+    naive_cfg = replace(cfg.update, distill_weight=0.0, bct_weight=0.0, interpolation_grid=(), guard=False)
     t = time.monotonic()
     if "naive" in earlier:
         naive = load_artifact(earlier["naive"], base_fingerprint=enc.fingerprint, dim=enc.dim)
@@ -269,21 +362,37 @@ def run(stream: Path, out: Path, cfg: NfrBench) -> dict[str, Any]:
     # below sees only the holdout, as in service.
     t = time.monotonic()
     curve = (
-        _curve(enc, trained, v1, test, cfg.update.interpolation_grid) if cfg.update.interpolation_grid else {}
+        _curve(enc, trained, v1, test, cfg.update.interpolation_grid)
+        if cfg.update.interpolation_grid and cfg.curve
+        else {}
     )
     timings["curve_s"] = time.monotonic() - t
     alpha = choose_alpha_on(enc, trained, v1, snap_hold, cfg.update.interpolation_grid)
+    guard = v1 if cfg.update.guard else None
     ours = _fitted(
-        enc, cfg.comp, _publish(enc, art, domain, trained, cfg.update, parent), snap_train, snap_hold
+        enc,
+        cfg.comp,
+        _publish(enc, art, domain, trained, cfg.update, parent, guard=guard),
+        snap_train,
+        snap_hold,
+        cfg.update.guard_margin,
     )
 
     t = time.monotonic()
     memory = _memory(enc, domain, sorted(buffers.examples(domain), key=lambda e: e.ts))  # all feedback so far
-    answers = _answers(enc, memory, cfg.comp, {"v1": v1, "naive": naive, "driftserve": ours}, test, cfg.batch)
+    models = {"v1": v1, "naive": naive, "driftserve": ours}
+    if ours.guard is not None:  # the same update served without its guard: what the guard itself does
+        models["unguarded"] = replace(ours, guard=None)
+    answers = _answers(enc, memory, cfg.comp, models, test, cfg.batch)
     timings["evaluate_s"] = time.monotonic() - t
 
     modes = {
-        mode: compare(answers["v1"][mode], answers["naive"][mode], answers["driftserve"][mode])
+        mode: compare(
+            answers["v1"][mode],
+            answers["naive"][mode],
+            answers["driftserve"][mode],
+            answers.get("unguarded", {}).get(mode),
+        )
         for mode in ("head", "served")
     }
     result: dict[str, Any] = {
@@ -312,6 +421,7 @@ def run(stream: Path, out: Path, cfg: NfrBench) -> dict[str, Any]:
         },
         "artifacts": {n: str(a.path) for n, a in (("v1", v1), ("naive", naive), ("driftserve", ours))},
         "interpolation_alpha": alpha,
+        "guard_margin": ours.manifest.metrics.get(GUARD_MARGIN),
         "interpolation_curve": {str(a): r for a, r in curve.items()},
         "memory_only_accuracy": float(answers["memory_only"]["served"].mean()),
         "modes": modes,
@@ -339,16 +449,20 @@ def markdown(result: dict[str, Any]) -> str:
         f"share {_pct(w['replay_share'])}); "
         f"{w['evaluated']} later events evaluated; device {result['device']}.",
         "",
-        "| mode | model | accuracy | gain vs v1 | NFR | PFR |",
+        "| mode | model | accuracy | gain vs v1 | NFR (flips, 95% CI) | PFR (flips) |",
         "|---|---|---|---|---|---|",
     ]
     for mode, rows in result["modes"].items():
         lines.append(f"| {mode} | v1 | {rows['v1']['accuracy']:.4f} | | | |")
-        for name in ("naive", "driftserve"):
+        for name in ("naive", "driftserve", "unguarded"):
+            if name not in rows:
+                continue
             r = rows[name]
+            ci = r.get("nfr_ci")
+            ci_s = f", {_pct(ci[0])}-{_pct(ci[1])}" if ci else ""
             lines.append(
                 f"| {mode} | {name} | {r['accuracy']:.4f} | {100 * r['gain']:+.2f} pt | "
-                f"{_pct(r['nfr'])} | {_pct(r['pfr'])} |"
+                f"{_pct(r['nfr'])} ({r.get('nf', '?')}{ci_s}) | {_pct(r['pfr'])} ({r.get('pf', '?')}) |"
             )
     lines += [
         "",
@@ -356,11 +470,27 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for mode, rows in result["modes"].items():
-        t = rows["targets"]
+        t, iv = rows["targets"], rows.get("intervals", {})
+
+        def span(key: str, iv=iv, t=t) -> str:
+            lo_hi = iv.get(key)
+            if not lo_hi or t.get(key, 0.0) is None:  # a ratio to a naive gain <= 0 has no interval
+                return ""
+            return f" [{_pct(lo_hi[0])}, {_pct(lo_hi[1])}]"
+
         lines.append(
-            f"| {mode} | {_pct(rows['driftserve']['nfr'])} {'met' if t['nfr_ok'] else 'missed'} | "
-            f"{_pct(t['nfr_reduction'])} {'met' if t['reduction_ok'] else 'missed'} | "
-            f"{_pct(t['gain_kept'])} {'met' if t['gain_ok'] else 'missed'} |"
+            f"| {mode} | {_pct(rows['driftserve']['nfr'])}{span('nfr')} "
+            f"{'met' if t['nfr_ok'] else 'missed'} | "
+            f"{_pct(t['nfr_reduction'])}{span('nfr_reduction')} {'met' if t['reduction_ok'] else 'missed'} | "
+            f"{_pct(t['gain_kept'])}{span('gain_kept')} {'met' if t['gain_ok'] else 'missed'} |"
+        )
+    lines.append(
+        "\nBrackets: 95% paired bootstrap intervals over the evaluated events (evaluation noise only)."
+    )
+    if result.get("guard_margin") is not None:
+        lines.append(
+            f"driftserve's update is guarded by v1 (serving.guard) at margin {result['guard_margin']}; "
+            "`unguarded` is the same update served without its guard."
         )
     if result.get("interpolation_curve"):
         lines += [

@@ -258,6 +258,9 @@ def test_continued_training_with_distillation_and_bct_adds_a_new_class(tmp_path,
 
 
 def test_a_continued_run_ends_at_an_interpolation_point_chosen_on_its_holdout(learner):
+    from dataclasses import replace
+
+    learner.train_cfg = replace(learner.train_cfg, interpolation_grid=(0.5, 1.0))
     _feed(learner, _events(32))
     first = learner.train_domain("d")
     assert "interpolation_alpha" not in first.metrics  # no parent: nothing to interpolate toward
@@ -281,3 +284,21 @@ def test_replay_mix_keeps_every_new_example_and_replays_a_share_of_old_ones():
     assert replay_mix([], old, 0.5) == old
     with pytest.raises(ValueError, match="replay share"):
         replay_mix(new, old, 1.0)
+
+
+def test_a_continued_run_ships_guarded_by_its_parent_with_a_fitted_margin(learner):
+    from serving.guard import GUARD_MARGIN
+
+    _feed(learner, _events(32))
+    first = learner.train_domain("d")
+    assert GUARD_MARGIN not in first.metrics  # no parent: nothing to guard with
+    assert learner.current("d") is None
+    learner.registry.active_versions["d"] = first.version
+    _feed(learner, _events(16, start=32))
+    second = learner.train_domain("d")
+    assert second.submitted and second.metrics[GUARD_MARGIN] >= 0.0
+    learner.registry.active_versions["d"] = second.version
+    served = learner.current("d")
+    assert served is not None and served.guard is not None
+    assert served.guard.manifest.version == first.version and served.guard.guard is None
+    assert served.manifest.metrics[GUARD_MARGIN] == second.metrics[GUARD_MARGIN]
