@@ -354,7 +354,9 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--interpolation-grid", help="driftserve update's, comma-separated; '' for none (nfr)"
     )
-    parser.add_argument("--no-guard", action="store_true", help="driftserve update without its guard (nfr)")
+    parser.add_argument(
+        "--guard", action="store_true", help="driftserve update guarded by v1 (nfr; as --learner-guard)"
+    )
     parser.add_argument("--guard-margin", type=float, help="driftserve update's guard margin (nfr)")
     parser.add_argument(
         "--fit-guard-margin", action="store_true", help="fit the guard margin on the holdout (nfr)"
@@ -494,7 +496,7 @@ def _bench_nfr(args: argparse.Namespace, settings: Settings, out) -> int:
                     ("distill_mask", args.distill_mask),
                     ("distill_weight", args.distill_weight),
                     ("replay_share", args.replay_share),
-                    ("guard", False if args.no_guard else None),
+                    ("guard", True if args.guard else None),
                     ("interpolation_grid", _grid(args.interpolation_grid)),
                 )
                 if v is not None

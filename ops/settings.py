@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     learner_max_steps: int = Field(300, ge=1)
     learner_batch_size: int = Field(16, ge=1)
     learner_holdout_frac: float = Field(0.2, ge=0, lt=1)
+    learner_guard: bool = Field(
+        False,
+        description="ship continued runs guarded by their parent (keep the parent's answer unless the new "
+        "version is sure): fewer negative flips, one extra adapter forward per request of the domain",
+    )
 
     # Rollout: offline gate, shadow, canary (ops/rollout.py)
     rollout_enabled: bool = Field(True, description="run the rollout controller (embedded stack)")
@@ -207,7 +212,10 @@ class Settings(BaseSettings):
 
     def training(self) -> TrainConfig:
         return TrainConfig(
-            epochs=self.learner_epochs, max_steps=self.learner_max_steps, batch_size=self.learner_batch_size
+            epochs=self.learner_epochs,
+            max_steps=self.learner_max_steps,
+            batch_size=self.learner_batch_size,
+            guard=self.learner_guard,
         )
 
     def rollout(self) -> RolloutPolicy:

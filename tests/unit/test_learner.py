@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -289,6 +290,7 @@ def test_replay_mix_keeps_every_new_example_and_replays_a_share_of_old_ones():
 def test_a_continued_run_ships_guarded_by_its_parent_with_a_fitted_margin(learner):
     from serving.guard import GUARD_MARGIN
 
+    learner.train_cfg = replace(learner.train_cfg, guard=True)  # opt-in: Settings.learner_guard
     _feed(learner, _events(32))
     first = learner.train_domain("d")
     assert GUARD_MARGIN not in first.metrics  # no parent: nothing to guard with

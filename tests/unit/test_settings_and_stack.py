@@ -16,6 +16,7 @@ def test_environment_then_overrides(monkeypatch):
     s = load_settings(compensation_k=7, http_host=None)
     assert s.http_port == 9100 and s.compensation_k == 7 and s.http_host == "127.0.0.1"
     assert s.compensation().k == 7
+    assert s.training().guard is False and load_settings(learner_guard=True).training().guard is True
 
 
 def test_unknown_and_invalid_settings_are_errors(monkeypatch):
