@@ -16,12 +16,14 @@ from learners.trainer import TrainConfig, lora_targets, train_adapter
 from learners.transfer import (
     TransferConfig,
     discriminate,
+    fit_serving,
     perturb,
     publish_transfer,
     republish,
     transfer_adapter,
 )
 from serving.artifacts import load_artifact
+from serving.compensator import CompensationConfig
 from serving.encoder import Encoder, default_model_path
 from serving.errors import ArtifactRejected
 from streams.schemas import ArtifactManifest
@@ -142,6 +144,7 @@ def test_transfer_to_another_architecture_publishes_a_loadable_child(
     assert m.data_window["transfer_from"] == tiny_encoder.fingerprint
     assert child.head.weight.shape == (2, 48) and child.head.labels == teacher.head.labels
     assert m.metrics["agreement"] == rep["agreement"]
+    assert "memory_weight" not in m.metrics  # no deployment compensation given: nothing fitted
     # Serving's own path loads it on the new base.
     mpnet_encoder.add_adapter("child", child.adapter_dir)
     try:
@@ -149,6 +152,41 @@ def test_transfer_to_another_architecture_publishes_a_loadable_child(
     finally:
         mpnet_encoder.remove_adapter("child")
     assert not any(p.name.startswith(artifacts.TMP_PREFIX) for p in child.path.parent.iterdir())
+
+
+def test_publish_transfer_fits_the_students_serving_calibration_on_the_new_base(
+    tiny_encoder, mpnet_encoder, teacher, tmp_path
+):
+    comp = CompensationConfig()
+    result = transfer_adapter(tiny_encoder, teacher, mpnet_encoder, _examples(), FAST)
+    assert [e.event_id for e in result.hold] == ["e20", "e21", "e22", "e23"]  # the newest, held out
+    assert len(result.train) == result.n_train == 20
+    child = publish_transfer(tmp_path, teacher, result, mpnet_encoder, FAST, comp=comp)
+    m = child.manifest.metrics
+    assert 0.0 <= m["memory_weight"] <= 1.0
+    assert m["agreement"] == result.report["agreement"]  # the transfer's report is kept beside it
+    # Exactly what the fit gives for the committed student (new-base keys of the training part).
+    assert {k: m[k] for k in ("memory_weight", "compensation_sim_low") if k in m} == fit_serving(
+        mpnet_encoder, comp, child, result.train, result.hold
+    )
+    assert not [n for n in mpnet_encoder.adapters() if n.startswith("food@")]  # the fit unloads its own
+
+
+def test_fit_serving_trusts_the_memory_where_the_head_is_wrong(tiny_encoder, teacher):
+    """A head with swapped labels against a memory holding the held-out texts' exact duplicates: the
+    memory's scorer gets the larger share; without held-out data nothing is fitted."""
+    import dataclasses
+
+    comp = CompensationConfig()
+    examples = _examples()
+    train, hold = examples[:20], examples[20:]
+    swapped = dataclasses.replace(
+        teacher, head=dataclasses.replace(teacher.head, labels=list(reversed(teacher.head.labels)))
+    )
+    right = fit_serving(tiny_encoder, comp, teacher, train, hold)
+    wrong = fit_serving(tiny_encoder, comp, swapped, train, hold)
+    assert wrong["memory_weight"] > 0.5 and wrong["memory_weight"] >= right["memory_weight"]
+    assert fit_serving(tiny_encoder, comp, teacher, train, []) == {}
 
 
 def test_same_architecture_transfer_starts_from_the_teacher(tiny_encoder, same_arch_encoder, teacher):
@@ -251,6 +289,9 @@ def test_migrate_base_rekeys_then_transfers_every_promoted_adapter(
         dim=mpnet_encoder.dim,
     )
     assert child.manifest.parent == "v1"
+    # Fitted for the new base on the buffer's holdout, with the deployment's compensation.
+    assert 0.0 <= child.manifest.metrics["memory_weight"] <= 1.0
+    assert moved["metrics"] == child.manifest.metrics
     plan = json.loads((tmp_path / "migrations" / f"{mpnet_encoder.fingerprint[:12]}.json").read_text())
     assert plan["adapters"]["food"]["version"] == moved["version"] and plan["memory_generation"] == 1
     target = migrate.migration_settings(settings, mpnet_encoder.model_path)
