@@ -23,6 +23,8 @@ Systems (each with and without memory compensation where it matters):
 * ``old``: old base + its adapter + old-key memory (what would have gone on serving);
 * ``new_transfer``: new base + transferred adapter + re-keyed memory; ``empty_memory``: the same
   after a switch that does not re-key (the memory under the new fingerprint starts empty);
+* ``…@defaults``: the same adapter and memory with the deployment's defaults instead of the fitted
+  memory weight and floor (the ablation of the serving calibration);
 * ``new_retrain``: new base + an adapter trained from scratch on the buffer (the alternative that
   reuses the buffered raw data directly, for reference);
 * ``same_arch_direct`` / ``same_arch_transfer``: the same-architecture base with the old adapter carried
@@ -44,7 +46,14 @@ from learners import artifacts
 from learners.buffer import Example, ReplayBuffers
 from learners.evaluation import with_metrics
 from learners.trainer import TrainConfig, train_adapter
-from learners.transfer import TransferConfig, fit_serving, publish_transfer, republish, transfer_adapter
+from learners.transfer import (
+    TransferConfig,
+    calibrated,
+    fit_serving,
+    publish_transfer,
+    republish,
+    transfer_adapter,
+)
 from ops.replay.stream import StreamEvent, read_stream
 from serving.artifacts import Artifact, load_artifact
 from serving.compensator import CompensationConfig
@@ -96,7 +105,14 @@ def _memory(encoder: Encoder, events: list[StreamEvent], keys: np.ndarray | None
 class _Variant:
     name: str
     memory: InProcessMemory | None  # None: compensation off
+    adapters: list[Artifact] | None = None  # served instead of the system's (same weights, other metrics)
     correct: list[bool] = field(default_factory=list)
+
+
+def uncalibrated(artifact: Artifact) -> Artifact:
+    """The same adapter with the deployment's defaults instead of its fitted serving calibration: the
+    ablation that shows what the fit changed."""
+    return calibrated(artifact, {}, suffix="defaults")
 
 
 class _BatchMemo:
@@ -128,8 +144,7 @@ class _System:
         self.name = name
         self.comp_on, self.comp_off = comp, replace(comp, enabled=False)
         self.predictor = Predictor(encoder, InProcessMemory(encoder.dim), comp)
-        for artifact in adapters:
-            self.predictor.activate(artifact)
+        self.adapters = adapters
         self.variants = variants
         self.seconds = 0.0
 
@@ -138,6 +153,8 @@ class _System:
         texts, domains = [e.text for e in batch], [_domain(e) for e in batch]
         keys = None
         for v in self.variants:
+            for artifact in v.adapters or self.adapters:
+                self.predictor.activate(artifact)
             self.predictor.memory = v.memory if v.memory is not None else InProcessMemory(1)
             self.predictor.comp = self.comp_on if v.memory is not None else self.comp_off
             preds = self.predictor.predict(texts, domains)
@@ -178,7 +195,8 @@ def _fitted(enc: Encoder, comp: CompensationConfig, artifact: Artifact, train, h
 
 def _serving_metrics(artifact: Artifact) -> dict[str, float]:
     m = artifact.manifest.metrics
-    return {k: m[k] for k in ("memory_weight", "compensation_sim_low") if k in m}
+    keys = ("memory_weight", "compensation_sim_low", "calibration_wins", "calibration_losses")
+    return {k: m[k] for k in keys if k in m}
 
 
 def run(stream: Path, out: Path, cfg: TransferBench) -> dict[str, Any]:
@@ -248,12 +266,17 @@ def run(stream: Path, out: Path, cfg: TransferBench) -> dict[str, Any]:
     t = time.monotonic()
     old_keys = old.encode([e.text for e in hist])
     timings["old_memory_keys_s"] = time.monotonic() - t
+    old_memory = _memory(old, hist, old_keys)
     systems = [
         _System(
             "old",
             old,
             [teacher],
-            [_Variant("memory", _memory(old, hist, old_keys)), _Variant("no_memory", None)],
+            [
+                _Variant("memory", old_memory),
+                _Variant("memory@defaults", old_memory, [uncalibrated(teacher)]),
+                _Variant("no_memory", None),
+            ],
             cfg.comp,
         )
     ]
@@ -269,6 +292,7 @@ def run(stream: Path, out: Path, cfg: TransferBench) -> dict[str, Any]:
                 [student],
                 [
                     _Variant("rekeyed_memory", rekeyed),
+                    _Variant("rekeyed_memory@defaults", rekeyed, [uncalibrated(student)]),
                     _Variant("empty_memory", InProcessMemory(new.dim)),
                     _Variant("no_memory", None),
                 ],

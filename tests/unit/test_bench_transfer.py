@@ -104,6 +104,25 @@ def test_memory_gains_compare_each_memory_variant_with_its_systems_no_memory():
     assert gains["new/rekeyed_memory"] == pytest.approx([0.1, 0.1])
 
 
+def test_uncalibrated_drops_the_fitted_values_under_another_version(tiny_encoder, tmp_path):
+    from learners import artifacts
+    from learners.evaluation import with_metrics
+    from learners.trainer import train_adapter
+
+    cfg = TrainConfig(epochs=1, batch_size=8, max_steps=2)
+    trained = train_adapter(tiny_encoder, TEXTS, ["pos", "neg"] * 3, cfg)
+    art = with_metrics(
+        artifacts.publish_trained(tmp_path, tiny_encoder, "food", trained, cfg),
+        memory_weight=0.1,
+        compensation_sim_low=0.8,
+        holdout_accuracy=0.9,
+    )
+    plain = transfer.uncalibrated(art)
+    assert plain.manifest.metrics == {"holdout_accuracy": 0.9}  # the deployment's defaults apply
+    assert plain.manifest.version == f"{art.manifest.version}-defaults"
+    assert plain.adapter_dir == art.adapter_dir and plain.head is art.head
+
+
 def test_both_systems_serve_with_their_fitted_calibration(tiny_model_dir, mpnet_dir, stream, tmp_path):
     result = transfer.run(stream, tmp_path / "run", _bench(tiny_model_dir, mpnet_dir))
     cal = result["serving_calibration"]
@@ -113,8 +132,10 @@ def test_both_systems_serve_with_their_fitted_calibration(tiny_model_dir, mpnet_
     assert result["transfers"]["new_transfer"]["memory_weight"] == cal["new_transfer"]["memory_weight"]
     assert set(result["results"]) == {
         "old/memory",
+        "old/memory@defaults",
         "old/no_memory",
         "new_transfer/rekeyed_memory",
+        "new_transfer/rekeyed_memory@defaults",
         "new_transfer/empty_memory",
         "new_transfer/no_memory",
     }
