@@ -339,6 +339,10 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transfer-steps", type=int, default=300, help="distillation steps (transfer)")
     parser.add_argument("--synthetic", type=int, default=3, help="perturbed texts per example (transfer)")
     parser.add_argument("--teacher-artifact", help="reuse this old-base artifact as the teacher (transfer)")
+    parser.add_argument(
+        "--student-artifact",
+        help="reuse this transferred new-base artifact, fitted metrics included (transfer)",
+    )
     parser.add_argument("--no-retrain", action="store_true", help="skip the retrain reference (transfer)")
     parser.add_argument("--v1-events", type=int, default=500, help="window 1, trains v1 (nfr)")
     parser.add_argument("--update-events", type=int, default=500, help="window 2, trains the update (nfr)")
@@ -441,6 +445,8 @@ def _bench_transfer(args: argparse.Namespace, settings: Settings, out) -> int:
         same_arch_model=args.same_arch_model or None,
         retrain_reference=not args.no_retrain,
         teacher_artifact=args.teacher_artifact,
+        student_artifact=args.student_artifact,
+        holdout_frac=settings.learner_holdout_frac,
         teacher=TrainConfig(epochs=3, max_steps=args.teacher_steps, batch_size=16),
         transfer=replace(
             base,

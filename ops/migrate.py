@@ -6,7 +6,9 @@
    see it; a replica started on the new base finds a complete memory at once. No window without memory.
 2. Every domain's promoted adapter is transferred (``learners.transfer``, Trans-LoRA) from the replay
    buffer's examples and perturbations of them, and published atomically with the new base fingerprint
-   and parent = the promoted version.
+   and parent = the promoted version. Its memory weight and compensation floor are fitted for the new
+   base on the buffer's held-out examples (a memory of the buffer's training part, new-base keys), as the
+   learner fits a candidate: no raw data beyond the buffer.
 3. A plan ``<state_dir>/migrations/<new fingerprint[:12]>.json`` lists the new versions and the memory
    generation. The cutover (replicas on the new ``model_path``, registry pointers to the listed versions)
    is the rollout controller's; until then the live memory writer feeds only the old base's memory, so a
@@ -92,11 +94,13 @@ def migrate_base(
             settings.artifacts_dir / domain / version, base_fingerprint=old.fingerprint, dim=old.dim
         )
         result = transfer_adapter(old, teacher, new, examples, cfg)
-        published = publish_transfer(settings.artifacts_dir, teacher, result, new, cfg)
+        published = publish_transfer(
+            settings.artifacts_dir, teacher, result, new, cfg, comp=settings.compensation()
+        )
         report.adapters[domain] = {
             "version": published.manifest.version,
             "parent": version,
-            "metrics": result.report,
+            "metrics": published.manifest.metrics,
         }
         log.info(
             "domain %s: %s -> %s on %s", domain, version, published.manifest.version, new.fingerprint[:12]

@@ -4,18 +4,27 @@ Protocol (serving's own Predictor, memory compensation as configured):
 
 1. History: ``history`` events after the first ``start`` are feedback. The error memory holds all of
    them (it is rebuilt from the log); the replay buffer keeps the newest ``buffer_capacity``; the old
-   base's adapter + head is trained on the buffer, as the learner does.
+   base's adapter + head is trained on the buffer as the learner does: on all but the newest
+   ``holdout_frac``, with its memory weight and compensation floor fitted on those
+   (``learners.transfer.fit_serving``, the values ``evaluate_candidate`` ships).
 2. Migration at the end of the history, using only the buffer: the adapter is transferred to the new base
-   (``learners.transfer``), and the memory is re-keyed with the new base (what ``Rebuilder`` does from
-   the log). For a same-architecture update the adapter is also carried over unchanged (``republish``).
+   (``learners.transfer``, which fits the student's memory weight and floor for the new base on the
+   buffer's holdout), and the memory is re-keyed with the new base (what ``Rebuilder`` does from the
+   log). For a same-architecture update the adapter is also carried over unchanged (``republish``, and
+   refitted the same way). Every system serves with what its artifact carries.
 3. The next ``evaluate`` events are replayed prequentially in batches: each system predicts, then the
    labels are written to its memory (keys of its own base). Accuracy per window of ``window`` events.
+
+``evaluate`` 0 stops after step 2 (artifacts under ``out/artifacts``); ``teacher_artifact`` and
+``student_artifact`` reuse them, so a slow migration and its replay can run as separate commands.
 
 Systems (each with and without memory compensation where it matters):
 
 * ``old``: old base + its adapter + old-key memory (what would have gone on serving);
 * ``new_transfer``: new base + transferred adapter + re-keyed memory; ``empty_memory``: the same
   after a switch that does not re-key (the memory under the new fingerprint starts empty);
+* ``…@defaults``: the same adapter and memory with the deployment's defaults instead of the fitted
+  memory weight and floor (the ablation of the serving calibration);
 * ``new_retrain``: new base + an adapter trained from scratch on the buffer (the alternative that
   reuses the buffered raw data directly, for reference);
 * ``same_arch_direct`` / ``same_arch_transfer``: the same-architecture base with the old adapter carried
@@ -34,9 +43,17 @@ from typing import Any
 import numpy as np
 
 from learners import artifacts
-from learners.buffer import ReplayBuffers
+from learners.buffer import Example, ReplayBuffers
+from learners.evaluation import with_metrics
 from learners.trainer import TrainConfig, train_adapter
-from learners.transfer import TransferConfig, publish_transfer, republish, transfer_adapter
+from learners.transfer import (
+    TransferConfig,
+    calibrated,
+    fit_serving,
+    publish_transfer,
+    republish,
+    transfer_adapter,
+)
 from ops.replay.stream import StreamEvent, read_stream
 from serving.artifacts import Artifact, load_artifact
 from serving.compensator import CompensationConfig
@@ -62,6 +79,8 @@ class TransferBench:
     same_arch_model: str | None = "sre-embedding-model"
     retrain_reference: bool = True
     teacher_artifact: str | None = None
+    student_artifact: str | None = None  # an earlier run's transferred adapter (new_model's base)
+    holdout_frac: float = 0.2  # the learner's: the newest share of the buffer fits the teacher's serving
     teacher: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, max_steps=400, batch_size=16))
     transfer: TransferConfig = field(default_factory=TransferConfig)
     comp: CompensationConfig = field(default_factory=CompensationConfig)
@@ -86,7 +105,14 @@ def _memory(encoder: Encoder, events: list[StreamEvent], keys: np.ndarray | None
 class _Variant:
     name: str
     memory: InProcessMemory | None  # None: compensation off
+    adapters: list[Artifact] | None = None  # served instead of the system's (same weights, other metrics)
     correct: list[bool] = field(default_factory=list)
+
+
+def uncalibrated(artifact: Artifact) -> Artifact:
+    """The same adapter with the deployment's defaults instead of its fitted serving calibration: the
+    ablation that shows what the fit changed."""
+    return calibrated(artifact, {}, suffix="defaults")
 
 
 class _BatchMemo:
@@ -118,8 +144,7 @@ class _System:
         self.name = name
         self.comp_on, self.comp_off = comp, replace(comp, enabled=False)
         self.predictor = Predictor(encoder, InProcessMemory(encoder.dim), comp)
-        for artifact in adapters:
-            self.predictor.activate(artifact)
+        self.adapters = adapters
         self.variants = variants
         self.seconds = 0.0
 
@@ -128,6 +153,8 @@ class _System:
         texts, domains = [e.text for e in batch], [_domain(e) for e in batch]
         keys = None
         for v in self.variants:
+            for artifact in v.adapters or self.adapters:
+                self.predictor.activate(artifact)
             self.predictor.memory = v.memory if v.memory is not None else InProcessMemory(1)
             self.predictor.comp = self.comp_on if v.memory is not None else self.comp_off
             preds = self.predictor.predict(texts, domains)
@@ -150,15 +177,26 @@ def _windows(correct: list[bool], size: int) -> list[float]:
     return [float(np.mean(correct[i : i + size])) for i in range(0, len(correct), size)]
 
 
-def _teacher(enc: Encoder, examples, cfg: TrainConfig, root: Path) -> Artifact:
-    by_domain: dict[str, list] = {}
-    for domain, ex in examples:
-        by_domain.setdefault(domain, []).append(ex)
-    if len(by_domain) != 1:
-        raise ValueError("bench transfer measures one domain; the stream has several")
-    ((domain, rows),) = by_domain.items()
+def split(examples: list[Example], holdout_frac: float) -> tuple[list[Example], list[Example]]:
+    """(train, hold) by time, as the learner splits a snapshot."""
+    rows = sorted(examples, key=lambda e: e.ts)
+    n_hold = int(len(rows) * holdout_frac)
+    return (rows[:-n_hold], rows[-n_hold:]) if n_hold else (rows, [])
+
+
+def _teacher(enc: Encoder, domain: str, rows: list[Example], cfg: TrainConfig, root: Path) -> Artifact:
     trained = train_adapter(enc, [e.text for e in rows], [e.label for e in rows], cfg)
     return artifacts.publish_trained(root, enc, domain, trained, cfg)
+
+
+def _fitted(enc: Encoder, comp: CompensationConfig, artifact: Artifact, train, hold) -> Artifact:
+    return with_metrics(artifact, **fit_serving(enc, comp, artifact, train, hold))
+
+
+def _serving_metrics(artifact: Artifact) -> dict[str, float]:
+    m = artifact.manifest.metrics
+    keys = ("memory_weight", "compensation_sim_low", "calibration_wins", "calibration_losses")
+    return {k: m[k] for k in keys if k in m}
 
 
 def run(stream: Path, out: Path, cfg: TransferBench) -> dict[str, Any]:
@@ -172,8 +210,11 @@ def run(stream: Path, out: Path, cfg: TransferBench) -> dict[str, Any]:
     buffers.add(
         [FeedbackEvent(event_id=e.id, text=e.text, label=e.label, domain=_domain(e), ts=e.ts) for e in hist]
     )
+    if len(buffers.domains()) != 1:
+        raise ValueError("bench transfer measures one domain; the stream has several")
     domain = buffers.domains()[0]
     buffered = buffers.examples(domain)
+    train, hold = split(buffered, cfg.holdout_frac)
     timings: dict[str, float] = {}
     result: dict[str, Any] = {
         "stream": str(stream),
@@ -198,28 +239,48 @@ def run(stream: Path, out: Path, cfg: TransferBench) -> dict[str, Any]:
         teacher = load_artifact(cfg.teacher_artifact, base_fingerprint=old.fingerprint, dim=old.dim)
         result["teacher_artifact"] = cfg.teacher_artifact
     else:
-        teacher = _teacher(old, [(domain, e) for e in buffered], cfg.teacher, out / "artifacts")
+        teacher = _teacher(old, domain, train, cfg.teacher, out / "artifacts")
     timings["teacher_train_s"] = time.monotonic() - t
+    t = time.monotonic()
+    teacher = _fitted(old, cfg.comp, teacher, train, hold)
+    timings["teacher_fit_s"] = time.monotonic() - t
+    result["artifacts"] = {"teacher": str(teacher.path)}
+    serving = {"old": _serving_metrics(teacher)}
+    result["serving_calibration"] = serving
+    transfers: dict[str, dict[str, float]] = {}
+    if cfg.new_model:
+        new = enc(cfg.new_model)
+        t = time.monotonic()
+        if cfg.student_artifact:
+            student = load_artifact(cfg.student_artifact, base_fingerprint=new.fingerprint, dim=new.dim)
+            result["artifacts"]["student_reused"] = cfg.student_artifact
+        else:
+            res = transfer_adapter(old, teacher, new, buffered, cfg.transfer)
+            student = publish_transfer(out / "artifacts", teacher, res, new, cfg.transfer, comp=cfg.comp)
+        timings["new_transfer_s"] = time.monotonic() - t
+        transfers["new_transfer"] = dict(student.manifest.metrics)
+        result["artifacts"]["student"] = str(student.path)
+        serving["new_transfer"] = _serving_metrics(student)
+    if not cfg.evaluate:  # prepare only: the artifacts for a later run's replay
+        return _finish(result | {"transfers": transfers, "results": {}}, out, timings, started, cfg)
     t = time.monotonic()
     old_keys = old.encode([e.text for e in hist])
     timings["old_memory_keys_s"] = time.monotonic() - t
+    old_memory = _memory(old, hist, old_keys)
     systems = [
         _System(
             "old",
             old,
             [teacher],
-            [_Variant("memory", _memory(old, hist, old_keys)), _Variant("no_memory", None)],
+            [
+                _Variant("memory", old_memory),
+                _Variant("memory@defaults", old_memory, [uncalibrated(teacher)]),
+                _Variant("no_memory", None),
+            ],
             cfg.comp,
         )
     ]
-    transfers: dict[str, dict[str, float]] = {}
     if cfg.new_model:
-        new = enc(cfg.new_model)
-        t = time.monotonic()
-        res = transfer_adapter(old, teacher, new, buffered, cfg.transfer)
-        student = publish_transfer(work / "artifacts", teacher, res, new, cfg.transfer)
-        timings["new_transfer_s"] = time.monotonic() - t
-        transfers["new_transfer"] = res.report
         t = time.monotonic()
         new_keys = new.encode([e.text for e in hist])  # the re-key: what Rebuilder does from the log
         rekeyed = _memory(new, hist, new_keys)
@@ -231,6 +292,7 @@ def run(stream: Path, out: Path, cfg: TransferBench) -> dict[str, Any]:
                 [student],
                 [
                     _Variant("rekeyed_memory", rekeyed),
+                    _Variant("rekeyed_memory@defaults", rekeyed, [uncalibrated(student)]),
                     _Variant("empty_memory", InProcessMemory(new.dim)),
                     _Variant("no_memory", None),
                 ],
@@ -239,8 +301,10 @@ def run(stream: Path, out: Path, cfg: TransferBench) -> dict[str, Any]:
         )
         if cfg.retrain_reference:
             t = time.monotonic()
-            scratch = _teacher(new, [(domain, e) for e in buffered], cfg.teacher, work / "artifacts-retrain")
+            scratch = _teacher(new, domain, train, cfg.teacher, work / "artifacts-retrain")
+            scratch = _fitted(new, cfg.comp, scratch, train, hold)
             timings["new_retrain_s"] = time.monotonic() - t
+            serving["new_retrain"] = _serving_metrics(scratch)
             systems.append(
                 _System(
                     "new_retrain",
@@ -252,12 +316,14 @@ def run(stream: Path, out: Path, cfg: TransferBench) -> dict[str, Any]:
             )
     if cfg.same_arch_model:
         same = enc(cfg.same_arch_model)
-        direct = republish(work / "artifacts-same", teacher, same)
+        direct = _fitted(same, cfg.comp, republish(work / "artifacts-same", teacher, same), train, hold)
         t = time.monotonic()
         res = transfer_adapter(old, teacher, same, buffered, cfg.transfer)
-        distilled = publish_transfer(work / "artifacts-same", teacher, res, same, cfg.transfer)
+        distilled = publish_transfer(work / "artifacts-same", teacher, res, same, cfg.transfer, comp=cfg.comp)
         timings["same_arch_transfer_s"] = time.monotonic() - t
-        transfers["same_arch_transfer"] = res.report
+        transfers["same_arch_transfer"] = dict(distilled.manifest.metrics)
+        serving["same_arch_direct"] = _serving_metrics(direct)
+        serving["same_arch_transfer"] = _serving_metrics(distilled)
         same_keys = same.encode([e.text for e in hist])
         systems.append(
             _System(
@@ -297,21 +363,31 @@ def run(stream: Path, out: Path, cfg: TransferBench) -> dict[str, Any]:
                 "windows": _windows(v.correct, cfg.window),
             }
         timings[f"replay_{system.name}_s"] = system.seconds
-    result |= {
-        "transfers": transfers,
-        "results": table,
-        "timings": timings,
-        "seconds": time.monotonic() - started,
-        "device": cfg.device,
-    }
+    return _finish(result | {"transfers": transfers, "results": table}, out, timings, started, cfg)
+
+
+def _finish(result: dict[str, Any], out: Path, timings: dict[str, float], started: float, cfg) -> dict:
+    result |= {"timings": timings, "seconds": time.monotonic() - started, "device": cfg.device}
     (out / "transfer.json").write_text(json.dumps(result, indent=2))
     (out / "transfer.md").write_text(markdown(result))
     return result
 
 
+def memory_gains(rows: dict[str, Any]) -> dict[str, list[float]]:
+    """Per window, each memory variant's accuracy minus its system's ``no_memory`` one."""
+    out = {}
+    for name, r in rows.items():
+        system, variant = name.split("/", 1)
+        base = rows.get(f"{system}/no_memory")
+        if base is None or variant in ("no_memory", "empty_memory"):
+            continue
+        out[name] = [a - b for a, b in zip(r["windows"], base["windows"], strict=True)]
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     rows = result["results"]
-    n_windows = max(len(r["windows"]) for r in rows.values())
+    n_windows = max((len(r["windows"]) for r in rows.values()), default=0)
     size = result["config"]["window"]
     head = ["system / memory", "accuracy"] + [f"w{i + 1}" for i in range(n_windows)]
     lines = [
@@ -326,6 +402,14 @@ def markdown(result: dict[str, Any]) -> str:
     for name, r in rows.items():
         cells = [name, f"{r['accuracy']:.4f}"] + [f"{w:.3f}" for w in r["windows"]]
         lines.append("| " + " | ".join(cells) + " |")
+    gains = memory_gains(rows)
+    if gains:
+        lines += ["", "Memory gain per window (points, memory minus no memory on the same system):", ""]
+        for name, g in gains.items():
+            lines.append(f"- {name}: " + ", ".join(f"{100 * x:+.1f}" for x in g))
+    lines += ["", "Serving calibration (fitted on the buffer's holdout, as the learner does):", ""]
+    for name, cal in result.get("serving_calibration", {}).items():
+        lines.append(f"- {name}: " + (", ".join(f"{k} {v:.2f}" for k, v in cal.items()) or "defaults"))
     lines += ["", "Transfers (held-out newest buffered examples):", ""]
     for name, rep in result["transfers"].items():
         keys = ("teacher_accuracy", "holdout_accuracy", "agreement", "nfr", "pfr", "transfer_synthetic_kept")

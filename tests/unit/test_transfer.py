@@ -15,15 +15,20 @@ from learners.buffer import Example
 from learners.trainer import TrainConfig, lora_targets, train_adapter
 from learners.transfer import (
     TransferConfig,
+    calibrated,
     discriminate,
+    fit_serving,
+    mcnemar_better,
     perturb,
     publish_transfer,
     republish,
     transfer_adapter,
 )
 from serving.artifacts import load_artifact
+from serving.compensator import CompensationConfig
 from serving.encoder import Encoder, default_model_path
 from serving.errors import ArtifactRejected
+from serving.predictor import DEFAULT_MEMORY_WEIGHT
 from streams.schemas import ArtifactManifest
 
 TEXTS = [
@@ -142,6 +147,7 @@ def test_transfer_to_another_architecture_publishes_a_loadable_child(
     assert m.data_window["transfer_from"] == tiny_encoder.fingerprint
     assert child.head.weight.shape == (2, 48) and child.head.labels == teacher.head.labels
     assert m.metrics["agreement"] == rep["agreement"]
+    assert "memory_weight" not in m.metrics  # no deployment compensation given: nothing fitted
     # Serving's own path loads it on the new base.
     mpnet_encoder.add_adapter("child", child.adapter_dir)
     try:
@@ -149,6 +155,49 @@ def test_transfer_to_another_architecture_publishes_a_loadable_child(
     finally:
         mpnet_encoder.remove_adapter("child")
     assert not any(p.name.startswith(artifacts.TMP_PREFIX) for p in child.path.parent.iterdir())
+
+
+def test_publish_transfer_fits_the_students_serving_calibration_on_the_new_base(
+    tiny_encoder, mpnet_encoder, teacher, tmp_path
+):
+    comp = CompensationConfig()
+    result = transfer_adapter(tiny_encoder, teacher, mpnet_encoder, _examples(), FAST)
+    assert [e.event_id for e in result.hold] == ["e20", "e21", "e22", "e23"]  # the newest, held out
+    assert len(result.train) == result.n_train == 20
+    child = publish_transfer(tmp_path, teacher, result, mpnet_encoder, FAST, comp=comp)
+    m = child.manifest.metrics
+    assert 0.0 <= m["memory_weight"] <= 1.0
+    assert m["agreement"] == result.report["agreement"]  # the transfer's report is kept beside it
+    # Exactly what the fit gives for the committed student (new-base keys of the training part).
+    fit = fit_serving(mpnet_encoder, comp, child, result.train, result.hold)
+    assert {k: m[k] for k in fit} == fit
+    assert not [n for n in mpnet_encoder.adapters if n.startswith("food@")]  # the fit unloads its own
+
+
+def test_fit_serving_keeps_the_fit_only_when_it_beats_the_defaults(tiny_encoder, teacher):
+    comp = CompensationConfig()
+    examples = _examples()
+    train, hold = examples[:20], examples[20:]
+    out = fit_serving(tiny_encoder, comp, teacher, train, hold)
+    wins, losses = int(out["calibration_wins"]), int(out["calibration_losses"])
+    assert wins + losses <= len(hold)
+    if not mcnemar_better(wins, losses):  # four held-out examples never suffice: the defaults
+        assert out["memory_weight"] == DEFAULT_MEMORY_WEIGHT and "compensation_sim_low" not in out
+    assert fit_serving(tiny_encoder, comp, teacher, train, []) == {}
+    assert not [n for n in tiny_encoder.adapters if n.startswith("food@")]
+
+
+def test_mcnemar_needs_more_wins_than_chance():
+    assert mcnemar_better(10, 0) and mcnemar_better(20, 6)
+    assert not mcnemar_better(5, 3) and not mcnemar_better(3, 10) and not mcnemar_better(0, 0)
+    assert not mcnemar_better(4, 0)  # (4 - 1)^2 / 4 = 2.25 < 3.84
+
+
+def test_calibrated_replaces_the_serving_values_under_another_version(teacher):
+    cal = calibrated(teacher, {"memory_weight": 0.2}, suffix="x")
+    assert cal.manifest.metrics["memory_weight"] == 0.2 and "compensation_sim_low" not in cal.manifest.metrics
+    assert cal.manifest.version == f"{teacher.manifest.version}-x" and cal.adapter_dir == teacher.adapter_dir
+    assert calibrated(cal, {}, suffix="y").manifest.metrics.get("memory_weight") is None
 
 
 def test_same_architecture_transfer_starts_from_the_teacher(tiny_encoder, same_arch_encoder, teacher):
@@ -251,6 +300,9 @@ def test_migrate_base_rekeys_then_transfers_every_promoted_adapter(
         dim=mpnet_encoder.dim,
     )
     assert child.manifest.parent == "v1"
+    # Fitted for the new base on the buffer's holdout, with the deployment's compensation.
+    assert 0.0 <= child.manifest.metrics["memory_weight"] <= 1.0
+    assert moved["metrics"] == child.manifest.metrics
     plan = json.loads((tmp_path / "migrations" / f"{mpnet_encoder.fingerprint[:12]}.json").read_text())
     assert plan["adapters"]["food"]["version"] == moved["version"] and plan["memory_generation"] == 1
     target = migrate.migration_settings(settings, mpnet_encoder.model_path)
