@@ -231,6 +231,18 @@ def fit_guard_margin(
     return choose_guard_margin(new, old, truth, grid)[0]
 
 
+def memory_of(encoder: Encoder, domain: str, examples: Sequence[Example]) -> InProcessMemory:
+    """An in-process error memory of ``examples``, keyed by ``encoder``'s base (as the writer keys them)."""
+    memory = InProcessMemory(encoder.dim)
+    if examples:
+        keys = encoder.encode([e.text for e in examples])
+        version = encoder.fingerprint[:12]
+        memory.add(
+            [MemoryEntry(e.event_id, domain, e.label, keys[i], e.ts, version) for i, e in enumerate(examples)]
+        )
+    return memory
+
+
 def evaluate_candidate(
     encoder: Encoder,
     comp: CompensationConfig,

@@ -44,14 +44,12 @@ from transformers import AutoModel
 
 from learners import artifacts
 from learners.buffer import Example
-from learners.evaluation import fit_compensation_floor, fit_memory_weight, with_memory_weight
+from learners.evaluation import fit_compensation_floor, fit_memory_weight, memory_of, with_memory_weight
 from learners.trainer import TrainConfig, TrainedAdapter, lora_targets, make_optimizer, optimizer_step
 from serving.artifacts import ADAPTER_DIR, HEAD_FILE, Artifact, load_artifact
 from serving.compensator import CompensationConfig
 from serving.encoder import Encoder
-from serving.memory import InProcessMemory
 from serving.predictor import DEFAULT_MEMORY_WEIGHT, Predictor
-from streams.redis_store import MemoryEntry
 from streams.schemas import ArtifactManifest
 
 
@@ -311,14 +309,7 @@ def fit_serving(
     if not hold:
         return {}
     domain = artifact.manifest.domain
-    memory = InProcessMemory(encoder.dim)
-    if train:
-        keys = encoder.encode([e.text for e in train])
-        version = encoder.fingerprint[:12]
-        memory.add(
-            [MemoryEntry(e.event_id, domain, e.label, keys[i], e.ts, version) for i, e in enumerate(train)]
-        )
-    predictor = Predictor(encoder, memory, comp)
+    predictor = Predictor(encoder, memory_of(encoder, domain, train), comp)
     texts, truth = [e.text for e in hold], [e.label for e in hold]
     weight = fit_memory_weight(predictor, artifact, domain, texts, truth)
     fitted = {"memory_weight": weight}

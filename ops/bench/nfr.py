@@ -43,6 +43,7 @@ from learners.evaluation import (
     fit_guard_margin,
     fit_memory_weight,
     flip_rates,
+    memory_of,
     with_memory_weight,
     with_metrics,
 )
@@ -56,7 +57,6 @@ from serving.encoder import Encoder
 from serving.guard import GUARD_MARGIN, guard_margin, keeps_parent
 from serving.memory import InProcessMemory
 from serving.predictor import Predictor, adapter_name
-from streams.redis_store import MemoryEntry
 from streams.schemas import DEFAULT_DOMAIN, FeedbackEvent
 
 TARGET_NFR = 0.01
@@ -108,17 +108,6 @@ def _publish(
     guard: Artifact | None = None,
 ) -> Artifact:
     return artifacts.publish_trained(root, enc, domain, trained, cfg, parent, guard=guard)
-
-
-def _memory(enc: Encoder, domain: str, examples: list[Example]) -> InProcessMemory:
-    memory = InProcessMemory(enc.dim)
-    if examples:
-        keys = enc.encode([e.text for e in examples])
-        version = enc.fingerprint[:12]
-        memory.add(
-            [MemoryEntry(e.event_id, domain, e.label, keys[i], e.ts, version) for i, e in enumerate(examples)]
-        )
-    return memory
 
 
 def _answers(
@@ -183,7 +172,7 @@ def _fitted(
     if not hold:
         return artifact
     domain = artifact.manifest.domain
-    predictor = Predictor(enc, _memory(enc, domain, train), comp)
+    predictor = Predictor(enc, memory_of(enc, domain, train), comp)
     texts, truth = [e.text for e in hold], [e.label for e in hold]
     artifact = with_memory_weight(artifact, fit_memory_weight(predictor, artifact, domain, texts, truth))
     floor = fit_compensation_floor(predictor, artifact, domain, texts, truth)
@@ -379,7 +368,8 @@ def run(stream: Path, out: Path, cfg: NfrBench) -> dict[str, Any]:
     )
 
     t = time.monotonic()
-    memory = _memory(enc, domain, sorted(buffers.examples(domain), key=lambda e: e.ts))  # all feedback so far
+    # all feedback so far
+    memory = memory_of(enc, domain, sorted(buffers.examples(domain), key=lambda e: e.ts))
     models = {"v1": v1, "naive": naive, "driftserve": ours}
     if ours.guard is not None:  # the same update served without its guard: what the guard itself does
         models["unguarded"] = replace(ours, guard=None)
