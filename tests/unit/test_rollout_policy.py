@@ -155,3 +155,12 @@ def test_a_first_adapter_must_beat_memory_only_by_the_first_min_gain():
     assert offline_gate({**report, "has_parent": 1.0}, strict).passed  # a continued run: not a first adapter
     assert offline_gate({**report, "has_parent": 0.0}, GatePolicy()).passed  # off by default
     assert offline_gate({**report, "has_parent": 0.0, "holdout_accuracy": 1.0}, strict).passed
+
+
+def test_calibration_on_a_handful_of_examples_is_reported_not_measured():
+    small = {**GOOD, "holdout_size": 5.0, "ece": 0.37, "current_ece": 0.17}
+    decision = offline_gate(small, GatePolicy())
+    assert decision.passed, decision.reason
+    (calibration,) = [c for c in decision.checks if c.name == "calibration"]
+    assert "not measured: 5 examples, min 30" in calibration.detail
+    assert _failed({**small, "holdout_size": 30.0}) == {"calibration"}
