@@ -55,6 +55,29 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_mpnet_dir(tmp_path_factory) -> str:
+    """Another architecture and width (MPNet, 2 layers, hidden 48, random weights), same tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, MPNetConfig, MPNetModel
+
+    from serving.encoder import default_model_path
+
+    out = tmp_path_factory.mktemp("tiny-mpnet")
+    cfg = MPNetConfig(
+        vocab_size=30527,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=130,
+    )
+    torch.manual_seed(2)
+    MPNetModel(cfg).save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def tiny_encoder(tiny_model_dir):
     from serving.encoder import Encoder
 

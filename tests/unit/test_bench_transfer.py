@@ -9,14 +9,11 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
-from transformers import AutoTokenizer, MPNetConfig, MPNetModel
 
 from learners.buffer import Example
 from learners.trainer import TrainConfig
 from learners.transfer import TransferConfig
 from ops.bench import transfer
-from serving.encoder import default_model_path
 
 TEXTS = [
     "good food and great service",
@@ -29,20 +26,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def mpnet_dir(tmp_path_factory) -> str:
-    torch.manual_seed(2)
-    cfg = MPNetConfig(
-        vocab_size=30527,
-        hidden_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=130,
-    )
-    out = tmp_path_factory.mktemp("mpnet")
-    MPNetModel(cfg).save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(out)
-    return str(out)
+def mpnet_dir(tiny_mpnet_dir) -> str:
+    return tiny_mpnet_dir
 
 
 @pytest.fixture()

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel, MPNetConfig, MPNetModel
+from transformers import AutoTokenizer, BertConfig, BertModel
 
 from learners import artifacts
 from learners.buffer import Example
@@ -66,18 +66,9 @@ def same_arch_encoder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mpnet_encoder(tmp_path_factory):
+def mpnet_encoder(tiny_mpnet_dir):
     """Another architecture and width (MPNet, hidden 48): adapters cannot load across."""
-    torch.manual_seed(2)
-    cfg = MPNetConfig(
-        vocab_size=30527,
-        hidden_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=130,
-    )
-    return Encoder(_save(MPNetModel(cfg), tmp_path_factory, "mpnet"), max_length=32)
+    return Encoder(tiny_mpnet_dir, max_length=32)
 
 
 @pytest.fixture(scope="module")
