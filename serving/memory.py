@@ -258,12 +258,15 @@ class InProcessMemory:
     def _search_device(self, d: _Domain, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
         import torch
 
+        from serving.encoder import to_host
+
         keys, alive = d.sync_device(self.device)
         q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
         sims = q @ keys.T
         sims.masked_fill_(~alive, float("-inf"))
         top, idx = torch.topk(sims, min(k, d.live), dim=1)
-        return top.cpu().numpy(), _labels_of(d.labels, idx.cpu().numpy())
+        top, idx = to_host(top, idx)
+        return top, _labels_of(d.labels, idx)
 
     def class_means(self, domain: str) -> tuple[list[str], np.ndarray]:
         """Labels and unit-norm class means for the nearest-class-mean head."""

@@ -1,0 +1,42 @@
+"""The GPU benchmark's parts that run without a GPU: its report, and replica processes on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from ops.bench import gpu
+
+
+def _result() -> dict:
+    return {
+        "torch": "2.x",
+        "device": "H100",
+        "raw_forward_seq_per_s": 70_000.0,
+        "raw_forward_seq_per_s_before_after": [[50_000.0, 52_000.0], [70_000.0, 69_000.0]],
+        "serving_replicas": [
+            {"replicas": 24, "in_flight": 1, "mps": False, "seq_per_s": 33_000.0},
+            {"replicas": 24, "in_flight": 2, "mps": True, "seq_per_s": 36_000.0},
+        ],
+    }
+
+
+def test_report_divides_by_the_highest_raw_rate_and_judges_each_configuration(tmp_path):
+    gpu.write(_result(), tmp_path)
+    md = (tmp_path / "gpu.md").read_text()
+    assert "70,000 sequences/s, the highest of 50,000, 52,000 (before the replicas)" in md
+    assert "| 24 replicas time-sliced | 33,000 | 47.1% | missed |" in md
+    assert "| 24 replicas via MPS, 2 batches in flight each | 36,000 | 51.4% | met |" in md
+    assert (tmp_path / "gpu.png").stat().st_size > 0
+    assert (tmp_path / "gpu.json").exists()
+
+
+def test_replica_processes_report_their_summed_rate(tiny_model_dir):
+    run = gpu.serving_replicas(str(tiny_model_dir), 4, 50, replicas=2, seconds=0.5, device="cpu", in_flight=2)
+    assert run["replicas"] == 2 and run["in_flight"] == 2 and not run["mps"]
+    assert len(run["per_replica_seq_per_s"]) == 2 and all(r > 0 for r in run["per_replica_seq_per_s"])
+    assert run["seq_per_s"] == pytest.approx(sum(run["per_replica_seq_per_s"]))
+
+
+def test_a_replica_that_dies_fails_the_sweep_instead_of_hanging(tmp_path):
+    with pytest.raises(RuntimeError, match="replica processes failed"):
+        gpu.serving_replicas(str(tmp_path / "no-model"), 4, 50, replicas=2, seconds=0.5, device="cpu")
