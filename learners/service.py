@@ -176,6 +176,14 @@ class Learner:
             n_prev = len(examples) - consumed
             start = max(0, n_prev - int(n_prev * self.policy.holdout_frac))
             train = replay_mix(train[start:], train[:start], share, self.train_cfg.seed)
+        log.info(
+            "domain %s: training on %d examples (%d held out) from %s%s",
+            domain,
+            len(train),
+            len(hold),
+            parent.manifest.version if parent is not None else "the base model",
+            " (unlearning)" if unlearning else "",
+        )
         # Exact unlearning at adapter scope: an adapter that saw forgotten data is not a starting point.
         trained = train_adapter(
             self.encoder,
