@@ -20,7 +20,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from serving import metrics
 from serving.encoder import TextEncoder
 from streams.errors import InvalidEvent, StoreUnavailable
-from streams.kafka_io import KafkaConfig, dead_letter, make_consumer, make_producer
+from streams.kafka_io import FAST_FETCH_WAIT_MS, KafkaConfig, dead_letter, make_consumer, make_producer
 from streams.redis_store import MemoryEntry, MemoryLog, RedisConfig, RequestEmbeddings, connect
 from streams.schemas import FeedbackEvent, ForgetEvent, parse_feedback, parse_forget
 
@@ -134,7 +134,10 @@ class MemoryWriter:
 
     def run(self, stop: threading.Event, on_ready=None, on_batch=None) -> None:
         topics = [self.kafka.feedback_topic, self.kafka.forget_topic]
-        consumer = make_consumer(self.kafka, self.kafka.group(GROUP_ROLE), topics)
+        # The feedback-to-fix path: a short fetch wait, so a lone feedback event is not held by the broker.
+        consumer = make_consumer(
+            self.kafka, self.kafka.group(GROUP_ROLE), topics, fetch_max_wait_ms=FAST_FETCH_WAIT_MS
+        )
         lag = LagReporter(consumer, "memory_writer")
         try:
             while not stop.is_set():

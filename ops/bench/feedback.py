@@ -2,6 +2,8 @@
 
 Measured against a running driftserve (the embedded stack by default):
 
+- feedback-to-fix when idle: single events a second apart, each followed to its fix (the demo's case:
+  consumers idle between events, so a broker that holds empty fetches shows here, not under load);
 - feedback-to-fix: feedback is produced to Kafka at ``rate`` events/s for ``duration`` s, each event a
   new text with a label never seen before (so the prediction is wrong until the memory has it); for a
   sample of events a prober predicts the same text until *every* replica (told apart by the
@@ -202,6 +204,14 @@ def write_outputs(out: Path, result: dict[str, Any]) -> None:
         f"max {ms['max']:.0f} ms; {fix['within_1s'] * 100:.1f}% within 1 s; "
         f"not fixed within timeout: {fix['not_fixed_within_timeout']}",
     ]
+    idle = result.get("fix_idle")
+    if idle is not None:
+        ims = {k: idle["fix_seconds"].get(k, float("nan")) * 1000 for k in ("p50", "p90", "max")}
+        lines.append(
+            f"- feedback-to-fix when idle ({idle['sampled']} events a second apart): "
+            f"p50 {ims['p50']:.0f} ms, p90 {ims['p90']:.0f} ms, max {ims['max']:.0f} ms; "
+            f"not fixed within timeout: {idle['not_fixed_within_timeout']}"
+        )
     for ing in result["ingestion"]:
         path = "request-id fast path" if ing["fast_path"] else "encoding texts"
         lines.append(f"- ingestion ({path}): {ing['events_per_s']:.0f} events/s ({ing['applied']} events)")
@@ -214,15 +224,31 @@ def write_outputs(out: Path, result: dict[str, Any]) -> None:
     samples = sorted(fix["samples"])
     fig, ax = plt.subplots(figsize=(6, 4))
     if samples:
-        ax.plot([s * 1000 for s in samples], np.linspace(0, 1, len(samples)), drawstyle="steps-post")
+        ax.plot(
+            [s * 1000 for s in samples],
+            np.linspace(0, 1, len(samples)),
+            drawstyle="steps-post",
+            label=f"at {fix['target_rate']:.0f}/s",
+        )
+    idle_samples = sorted(idle["samples"]) if idle is not None else []
+    if idle_samples:
+        ax.plot(
+            [s * 1000 for s in idle_samples],
+            np.linspace(0, 1, len(idle_samples)),
+            drawstyle="steps-post",
+            label="idle, 1/s",
+        )
     ax.axvline(1000, color="red", linestyle="--", label="1 s target")
     ax.set_xlabel("feedback-to-fix on every replica (ms)")
     ax.set_ylabel("fraction of sampled events")
-    ax.set_title(f"feedback at {fix['target_rate']:.0f}/s")
+    ax.set_title("feedback-to-fix")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "feedback.png", dpi=120)
     plt.close(fig)
+
+
+IDLE_EVENTS = 20  # one a second, each probed
 
 
 def run(
@@ -247,6 +273,7 @@ def run(
         bench = FeedbackBench(settings, url, bootstrap or settings.kafka_bootstrap)
         try:
             result = {
+                "fix_idle": bench.fix_times(1.0, IDLE_EVENTS, 1, timeout=10.0),
                 "fix": bench.fix_times(rate, duration, sample_every, timeout=10.0),
                 "ingestion": [
                     bench.ingestion(ingest_events, fast_path=False),
