@@ -8,7 +8,8 @@ One controller runs per deployment. Each tick it
 2. takes new candidates: a candidate is verified with serving's loader (hashes, safetensors only, finite
    weights, shapes, base model) and passed through the offline gate; the newest one per domain starts,
    older waiting ones are superseded; an unlearning candidate replaces the served adapter directly;
-3. analyses shadow stages (after ``shadow_seconds``) and canary intervals (every ``interval_s``):
+3. analyses shadow stages (after ``shadow_seconds``, extended until ``min_requests`` answers make them
+   conclusive) and canary intervals (every ``interval_s``):
    promote after ``passes`` passing intervals, roll back after ``failure_threshold`` failing ones
    (Flagger semantics), and times each rollback until every live replica has dropped the candidate;
 4. forwards new audit records to Kafka (at least once, cursor in Redis) and updates the Prometheus gauges.
@@ -64,6 +65,7 @@ class _Tracking:
     stage: str
     window: Window = field(default_factory=Window)
     pending: OrderedDict[str, tuple[float, dict[str, Any]]] = field(default_factory=OrderedDict)
+    shadow_extended: bool = False  # the shadow outlived shadow_seconds for want of answers (audited once)
 
 
 class RolloutController:
@@ -251,6 +253,18 @@ class RolloutController:
 
     def _end_shadow(self, domain: str, state: RolloutState, tracking: _Tracking) -> None:
         verdict, reason, summary = analyse(tracking.window, self.policy)
+        if verdict is None:
+            # Too few mirrored answers (an idle domain, a replay still warming up): the shadow goes on,
+            # its window still filling, until it can be judged. A canary never starts on a shadow that
+            # saw nothing. The first extension is audited, later rounds only wait.
+            if not tracking.shadow_extended:
+                tracking.shadow_extended = True
+                metrics.CANARY_ANALYSES.labels("shadow", "inconclusive").inc()
+                self.registry.record_analysis(
+                    domain, state.version, passed=None, reason=f"{reason}; shadow extended", metrics=summary
+                )
+                log.info("shadow of %s/%s extended: %s", domain, state.version, reason)
+            return
         metrics.CANARY_ANALYSES.labels("shadow", _verdict(verdict)).inc()
         event = self.registry.record_analysis(
             domain, state.version, passed=verdict, reason=reason, metrics=summary

@@ -133,7 +133,11 @@ class Settings(BaseSettings):
         "", description='per-domain gate overrides as JSON, e.g. {"tenant-a": {"max_nfr": 0.01}}'
     )
     shadow_share: float = Field(1.0, ge=0, le=1, description="share of a domain's traffic mirrored in shadow")
-    shadow_seconds: float = Field(30.0, ge=0, description="shadow stage length (0 skips shadow)")
+    shadow_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="shadow stage length (0 skips shadow); extended until it has canary_min_requests answers",
+    )
     canary_weight: float = Field(0.2, gt=0, le=1, description="share of a domain's traffic the canary serves")
     canary_interval_s: float = Field(30.0, gt=0, description="analysis interval")
     canary_passes: int = Field(3, ge=1, description="passing intervals before promotion")

@@ -166,3 +166,12 @@ class BackgroundLoad:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def assert_shadow_then_canary(events: list) -> None:
+    """One version's audit trail: candidate, shadow, analyses, and a canary started only on a shadow that
+    passed (an inconclusive shadow is extended, not ended)."""
+    trail = [e.type for e in events]
+    assert trail[:3] == ["candidate", "shadow", "analysis"] and "canary" in trail, trail
+    before = events[trail.index("canary") - 1]
+    assert before.type == "analysis" and before.reason.startswith("shadow pass"), before.reason

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from tests.conftest import wait_for
-from tests.integration.conftest import BackgroundLoad, dlq_messages, send_feedback
+from tests.integration.conftest import BackgroundLoad, assert_shadow_then_canary, dlq_messages, send_feedback
 
 TICKETS = [
     ("I was charged twice for my plan", "billing"),
@@ -94,10 +94,10 @@ def test_learner_adapter_hot_swapped_while_requests_succeed(client, producer, st
         )
     assert load.failures == []
     assert load.answered > 0 and {first, second} <= set(seen_versions)
-    trail = [(e.type, e.version) for e in registry.audit(domain)]
+    audit = registry.audit(domain)
     for version in (first, second):
-        assert [t for t, v in trail if v == version][:4] == ["candidate", "shadow", "analysis", "canary"]
-        assert ("promoted", version) in trail
+        assert_shadow_then_canary([e for e in audit if e.version == version])
+        assert any(e.type == "promoted" and e.version == version for e in audit)
     manifest_dir = stack.settings.artifacts_dir / domain / second
     assert (manifest_dir / "manifest.json").is_file()
     # Replicas follow the registry on their next sync round (0.1 s here).

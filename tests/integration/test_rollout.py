@@ -37,7 +37,12 @@ from serving.encoder import Encoder
 from streams.redis_store import MemoryEntry
 from streams.schemas import ArtifactManifest
 from tests.conftest import wait_for
-from tests.integration.conftest import ADMIN_TOKEN, CANARY_FAILURE_THRESHOLD, CANARY_INTERVAL_S
+from tests.integration.conftest import (
+    ADMIN_TOKEN,
+    CANARY_FAILURE_THRESHOLD,
+    CANARY_INTERVAL_S,
+    assert_shadow_then_canary,
+)
 
 BILLING = [
     "I was charged twice",
@@ -359,13 +364,37 @@ def test_bad_candidates_are_blocked_and_good_ones_promoted(stack, registry, cand
         assert served == {None}, f"{domain} answered by {served}"
     assert registry.get("gate-good-next", good_base).state == "retired"
     assert registry.lineage("gate-good-next", good_next)[1].version == good_base
-    trail = [e.type for e in registry.audit("gate-good") if e.version == good]
-    assert trail[:4] == ["candidate", "shadow", "analysis", "canary"] and trail[-1] == "promoted"
+    events = [e for e in registry.audit("gate-good") if e.version == good]
+    assert_shadow_then_canary(events)
+    assert events[-1].type == "promoted"
     want = {("gate-good", "promoted"), ("gate-good-next", "promoted")} | {(d, "rejected") for d in bad}
     assert want <= _rollout_decisions(stack, want), "decisions missing on the Kafka rollout topic"
     metrics_text = client.get("/metrics").text
     assert 'driftserve_gate_checks_total{check="integrity",result="fail"}' in metrics_text
     print(f"gate: {len(bad)} bad candidates rejected, 2 good promoted, {len(load.answers)} answers, 0 failed")
+
+
+def test_a_shadow_without_traffic_is_extended_until_it_can_be_judged(stack, registry, candidates):
+    """A shadow that mirrored nothing (an idle domain) does not hand its candidate to a canary: it waits,
+    audited once, and the canary starts only after mirrored traffic let the shadow pass."""
+    placer = Placer(stack, registry, candidates)
+    domain = f"idle-shadow-{uuid.uuid4().hex[:6]}"
+    version = placer.place(domain, candidates.good)
+    placer.submit(domain, version, placer.report(domain, version, None))
+    wait_for(lambda: _state(registry, domain, version) == "shadow", 30, 0.1, "the shadow stage")
+    time.sleep(stack.settings.shadow_seconds * 3 + 2)  # several shadow lengths without a request
+    assert _state(registry, domain, version) == "shadow"
+    analyses = [e for e in registry.audit(domain) if e.version == version and e.type == "analysis"]
+    assert len(analyses) == 1 and analyses[0].reason.endswith("shadow extended"), analyses
+    with Load(stack.url, [domain]) as load:
+        wait_for(
+            lambda: _state(registry, domain, version) in {"canary", "promoted"},
+            60,
+            0.1,
+            "the canary once the shadow had traffic",
+        )
+    assert load.failures == []
+    assert_shadow_then_canary([e for e in registry.audit(domain) if e.version == version])
 
 
 def test_canary_that_breaks_is_rolled_back_within_its_interval_budget(stack, registry, candidates, client):
