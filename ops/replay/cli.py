@@ -181,6 +181,18 @@ def _fix_similarity(result: ReplayResult, encoder: Any, embeddings: np.ndarray, 
         fix.similarity = round(float(vec @ embeddings[n_warmup + fix.index]), 4)
 
 
+def wait_adapter_warning(args: argparse.Namespace, settings: Settings) -> str | None:
+    """The warm-up sends feedback and no requests, so a rollout that needs answers to judge its shadow and
+    canary cannot promote anything during ``--wait-adapter`` on the embedded stack: say so up front."""
+    if not args.wait_adapter or args.url or not settings.rollout_enabled or settings.canary_min_requests == 0:
+        return None
+    return (
+        f"--wait-adapter {args.wait_adapter:g}: the warm-up sends no requests, and each rollout stage needs "
+        f"canary_min_requests ({settings.canary_min_requests}) answers, so no adapter can be promoted "
+        "during the wait; add --canary-min-requests 0 to let warm-up adapters through on the offline gate"
+    )
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """The ``replay`` subcommand; returns the exit code (0 done, 1 stopped early, 2 bad input/setup)."""
     try:
@@ -197,6 +209,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             raise ValueError(f"--url must start with http:// or https://, got {args.url!r}")
     except (StreamFormatError, ValueError) as exc:
         return _fail(str(exc))
+    warning = wait_adapter_warning(args, settings)
+    if warning:
+        print(f"driftserve replay: warning: {warning}", file=sys.stderr)
     out = Path(args.out or Path("replay-results") / _stream_name(args.stream))
     out.mkdir(parents=True, exist_ok=True)
     n_eval = len(stream.events) - n_warmup

@@ -186,3 +186,21 @@ def test_an_aborted_replay_is_compared_on_the_events_it_reached(tmp_path: Path) 
     assert report["systems"]["static"]["n"] == 5
     assert report["bar"]["delta_points"] > 0 and report["bar"]["meets_goal"] is True
     assert "Replay stopped early" in render_markdown(report)
+
+
+@pytest.mark.parametrize(
+    ("wait", "url", "overrides", "warned"),
+    [
+        (300.0, None, {}, True),  # defaults: 10 answers per stage, none during the warm-up
+        (300.0, None, {"canary_min_requests": 0}, False),
+        (300.0, None, {"rollout_enabled": False}, False),
+        (0.0, None, {}, False),
+        (300.0, "http://deployment:8000", {}, False),  # a remote deployment may have other traffic
+    ],
+)
+def test_wait_adapter_warns_when_no_warm_up_adapter_can_be_promoted(wait, url, overrides, warned) -> None:
+    args = argparse.Namespace(wait_adapter=wait, url=url)
+    warning = cli.wait_adapter_warning(args, load_settings(**overrides))
+    assert (warning is not None) == warned
+    if warned:
+        assert "--canary-min-requests 0" in warning and "(10)" in warning
