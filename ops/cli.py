@@ -344,6 +344,11 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="reuse this transferred new-base artifact, fitted metrics included (transfer)",
     )
     parser.add_argument("--no-retrain", action="store_true", help="skip the retrain reference (transfer)")
+    parser.add_argument(
+        "--no-online-mix",
+        action="store_true",
+        help="serve the fitted head/memory weight as is, no online calibration (transfer ablation)",
+    )
     parser.add_argument("--v1-events", type=int, default=500, help="window 1, trains v1 (nfr)")
     parser.add_argument("--update-events", type=int, default=500, help="window 2, trains the update (nfr)")
     parser.add_argument("--eval-events", type=int, default=1000, help="later events evaluated (nfr)")
@@ -444,6 +449,7 @@ def _bench_transfer(args: argparse.Namespace, settings: Settings, out) -> int:
         new_model=args.to_model or None,
         same_arch_model=args.same_arch_model or None,
         retrain_reference=not args.no_retrain,
+        online_mix=not args.no_online_mix,
         teacher_artifact=args.teacher_artifact,
         student_artifact=args.student_artifact,
         holdout_frac=settings.learner_holdout_frac,

@@ -151,6 +151,12 @@ class Settings(BaseSettings):
     canary_min_feedback: int = Field(5, ge=1, description="fewer labelled canary answers: skip label checks")
     canary_max_error_rate: float = Field(0.01, ge=0, le=1)
     canary_max_p99_ms: float = Field(1000.0, gt=0, description="canary batch latency p99 bound")
+    canary_max_p99_ratio: float = Field(
+        1.5,
+        ge=1,
+        description="a p99 over the bound fails only if also this many times the stable version's p99 in "
+        "the same interval (an overloaded node slows both)",
+    )
     canary_max_nfr: float = Field(0.05, ge=0, le=1, description="online negative flip rate bound")
     canary_epsilon: float = Field(0.02, ge=0, le=1, description="canary accuracy may trail stable by this")
     admin_token: SecretStr | None = Field(None, description="bearer token of /admin; unset disables it")
@@ -244,6 +250,7 @@ class Settings(BaseSettings):
             min_feedback=self.canary_min_feedback,
             max_error_rate=self.canary_max_error_rate,
             max_p99_ms=self.canary_max_p99_ms,
+            max_p99_ratio=self.canary_max_p99_ratio,
             max_nfr=self.canary_max_nfr,
             epsilon=self.canary_epsilon,
         )

@@ -242,7 +242,8 @@ class DriftServe:
         latency_ms = (time.perf_counter() - t0) * 1000.0
         try:  # fast path for feedback naming these requests: their memory keys are cached
             self.request_embeddings.put_many(
-                [(rid, p.key) for (_, _, rid), p in zip(items, preds, strict=True)]
+                [(rid, p.key) for (_, _, rid), p in zip(items, preds, strict=True)],
+                [p.mix for p in preds],
             )
         except StoreUnavailable:
             metrics.MEMORY_SYNC_ERRORS.inc()

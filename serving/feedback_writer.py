@@ -19,6 +19,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from serving import metrics
 from serving.encoder import TextEncoder
+from serving.mixing import ServedMix
 from streams.errors import InvalidEvent, StoreUnavailable
 from streams.kafka_io import FAST_FETCH_WAIT_MS, KafkaConfig, dead_letter, make_consumer, make_producer
 from streams.redis_store import MemoryEntry, MemoryLog, RedisConfig, RequestEmbeddings, connect
@@ -93,6 +94,23 @@ class MemoryWriter:
             metrics.FEEDBACK_KEYS.labels("encoded").inc(len(missing))
         return keys
 
+    def mixes_for(self, events: list[FeedbackEvent]) -> list[tuple[str, float, float] | None]:
+        """What the head and the memory said to each labelled request (``serving.mixing``), where serving
+        kept it; missing (expired, no adapter, Redis down) only costs the weight's calibration a step."""
+        out: list[tuple[str, float, float] | None] = [None] * len(events)
+        named = [i for i, e in enumerate(events) if e.request_id]
+        if self.request_embeddings is None or not named:
+            return out
+        try:
+            raw = self.request_embeddings.get_mixes([events[i].request_id for i in named])
+        except StoreUnavailable:
+            return out
+        for i, value in zip(named, raw, strict=True):
+            served = ServedMix.from_json(value) if value is not None else None
+            if served is not None:
+                out[i] = served.outcome(events[i].label)
+        return out
+
     def handle(self, records: list[ConsumerRecord]) -> dict[str, int]:
         """Apply one batch in order; raises (after only idempotent effects) if it must be retried."""
         counts = {"applied": 0, "duplicate": 0, "dead_lettered": 0, "forgotten": 0}
@@ -116,9 +134,10 @@ class MemoryWriter:
             (forgets if isinstance(parsed.event, ForgetEvent) else feedback).append(parsed.event)
         if feedback:
             keys = self.keys_for(feedback)
+            mixes = self.mixes_for(feedback)
             version = self.encoder.fingerprint[:12]
             entries = [
-                MemoryEntry(e.event_id, e.domain, e.label, keys[i], e.ts, version, e.subject_id)
+                MemoryEntry(e.event_id, e.domain, e.label, keys[i], e.ts, version, e.subject_id, mixes[i])
                 for i, e in enumerate(feedback)
             ]
             new = self.log.add_once(entries)

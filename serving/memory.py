@@ -15,6 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
+from serving.mixing import MixCalibrator
 from serving.scorer import FeedbackScorer, ScorerConfig
 from streams.redis_store import MemoryEntry
 
@@ -118,6 +119,7 @@ class InProcessMemory:
         self._rows: dict[str, tuple[str, int]] = {}  # event id -> (domain, row); deleted ids stay
         self._lock = threading.Lock()
         self.scorer = FeedbackScorer(dim, scorer)
+        self.mixing = MixCalibrator()  # the head / memory weight of adapter-served domains
         self._stale: set[str] = set()  # domains whose scorer saw entries removed since
         self._deferring = False  # inside ``apply``: retrain the scorers once at the end
 
@@ -153,6 +155,8 @@ class InProcessMemory:
                     neighbours[i] = (sims[j], labels[j], *means)
         for i, e in enumerate(fresh):
             self.scorer.observe(e.domain, e.embedding, e.label, neighbours.get(i))
+            if e.mix is not None:
+                self.mixing.observe(e.event_id, e.domain, *e.mix)
             with self._lock:
                 row = self._domains.setdefault(e.domain, _Domain(self.dim)).append(e.embedding, e.label)
                 self._rows[e.event_id] = (e.domain, row)
@@ -177,6 +181,8 @@ class InProcessMemory:
                     d.remove(where[1])
                     removed += 1
                     self._stale.add(where[0])
+        if removed:
+            self.mixing.forget(set(event_ids))
         return removed
 
     def _rescore(self) -> None:

@@ -31,6 +31,12 @@ COMPENSATIONS = Counter("driftserve_compensations_total", "predictions changed b
 MEMORY_ENTRIES = Gauge(
     "driftserve_memory_entries", "entries in the replica's error memory", multiprocess_mode="liveall"
 )
+MEMORY_MIX_WEIGHT = Gauge(
+    "driftserve_memory_mix_weight",
+    "the memory's share beside the adapter's head per domain, learned online from labelled answers",
+    ["domain"],
+    multiprocess_mode="mostrecent",
+)
 MEMORY_SYNC_ERRORS = Counter("driftserve_memory_sync_errors_total", "failed Redis reads while syncing")
 ADAPTER_SERVED = Gauge(
     "driftserve_adapter_served_timestamp_seconds",

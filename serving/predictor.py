@@ -26,6 +26,7 @@ from serving.compensator import CompensationConfig, compensate_batch
 from serving.encoder import Encoder, TextEncoder
 from serving.guard import guard_margin, keeps_parent
 from serving.memory import InProcessMemory
+from serving.mixing import encode_batch
 from streams.schemas import DEFAULT_DOMAIN
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class Prediction:
     stable_label: str | None = None  # canary answers: what the promoted version said (for flip rates)
     canary_error: str | None = None  # canary answers: the candidate failed and the stable answer was served
     shadow: bool = False  # mirror this request to the domain's shadow candidate (answer discarded)
+    mix: str | None = field(default=None, repr=False, compare=False)  # serving.mixing record, when mixed
 
 
 @dataclass(frozen=True)
@@ -431,6 +433,7 @@ class Predictor:
         the learner on held-out feedback, saved with the artifact's metrics).
         """
         t0 = time.perf_counter()
+        mixes: list[str] | None = None
         scorer_on = self.memory.scorer.cfg.enabled
         k = max(self.comp.k if self.comp.enabled else 0, self.memory.scorer.cfg.knn_k if scorer_on else 0)
         sims, neighbour_labels = (
@@ -446,9 +449,12 @@ class Predictor:
             version = f"{self.base_version}/{domain}@{active.artifact.manifest.version}"
             adapter: str | None = active.artifact.manifest.version
             if mem_vocab:
-                probs, vocab = mix_distributions(
-                    probs, vocab, mem_probs, mem_vocab, memory_weight(active.artifact)
-                )
+                # The learner's weight, then what the labelled answers of this version taught since.
+                served = active.artifact.manifest.version
+                weight, _ = self.memory.mixing.weight(domain, served, memory_weight(active.artifact))
+                metrics.MEMORY_MIX_WEIGHT.labels(domain).set(weight)
+                mixes = encode_batch(served, vocab, probs, mem_vocab, mem_probs)
+                probs, vocab = mix_distributions(probs, vocab, mem_probs, mem_vocab, weight)
         else:
             vocab, probs = list(mem_vocab), mem_probs
             version, adapter = self.base_version, None
@@ -489,6 +495,7 @@ class Predictor:
                     compensated=bool(lam[i] > 0.0),
                     blend=float(lam[i]),
                     key=keys[i],
+                    mix=mixes[i] if mixes is not None else None,
                 )
             )
         return out

@@ -10,6 +10,7 @@ once, and a forgotten event or subject is never re-added by a redelivery or a re
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,13 +21,18 @@ from redis.exceptions import RedisError
 from streams.errors import StoreUnavailable
 
 # KEYS: applied, stream, forgotten_ids, forgotten_subjects, dup_counter, subject_index (or "")
-# ARGV: id, domain, label, emb, ts, version, subject
+# ARGV: id, domain, label, emb, ts, version, subject, mix (JSON or "")
 _ADD_ONCE = """
 if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then return 2 end
 if ARGV[7] ~= '' and redis.call('SISMEMBER', KEYS[4], ARGV[7]) == 1 then return 2 end
 if redis.call('SET', KEYS[1], 'added', 'NX') then
-  redis.call('XADD', KEYS[2], '*', 'op', 'add', 'id', ARGV[1], 'domain', ARGV[2], 'label', ARGV[3],
-             'emb', ARGV[4], 'ts', ARGV[5], 'version', ARGV[6])
+  local fields = {'op', 'add', 'id', ARGV[1], 'domain', ARGV[2], 'label', ARGV[3],
+                  'emb', ARGV[4], 'ts', ARGV[5], 'version', ARGV[6]}
+  if ARGV[8] ~= '' then
+    table.insert(fields, 'mix')
+    table.insert(fields, ARGV[8])
+  end
+  redis.call('XADD', KEYS[2], '*', unpack(fields))
   if ARGV[7] ~= '' then redis.call('SADD', KEYS[6], ARGV[1]) end
   return 1
 end
@@ -64,6 +70,9 @@ class MemoryEntry:
     ts: float
     model_version: str
     subject_id: str | None = None
+    # The answer this label judges, when the feedback named a request that an adapter's head and the
+    # memory answered together: (adapter version, p_head(label), p_memory(label)) (``serving.mixing``).
+    mix: tuple[str, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,7 @@ class MemoryLog:
                     repr(float(e.ts)),
                     e.model_version,
                     e.subject_id or "",
+                    json.dumps(list(e.mix)) if e.mix is not None else "",
                 ],
                 client=pipe,
             )
@@ -247,7 +257,18 @@ def _decode(fields: dict[bytes, bytes]) -> MemoryEntry | Deletion:
         embedding=np.frombuffer(fields[b"emb"], dtype=np.float32),
         ts=float(s("ts")),
         model_version=s("version"),
+        mix=_decode_mix(fields.get(b"mix")),
     )
+
+
+def _decode_mix(raw: bytes | None) -> tuple[str, float, float] | None:
+    if raw is None:
+        return None
+    try:
+        version, p_head, p_memory = json.loads(raw)
+        return str(version), float(p_head), float(p_memory)
+    except (ValueError, TypeError):
+        return None  # a malformed optional field costs the calibration one step, not the entry
 
 
 class RequestEmbeddings:
@@ -257,14 +278,25 @@ class RequestEmbeddings:
     def __init__(self, client: redis.Redis, cfg: RedisConfig, fingerprint: str) -> None:
         self._r = client
         self._prefix = f"{cfg.namespace}:req:{fingerprint[:16]}:"
+        self._mix_prefix = f"{cfg.namespace}:reqmix:{fingerprint[:16]}:"
         self.ttl_s = cfg.request_ttl_s
 
     @_guard("request embedding write failed")
-    def put_many(self, items: list[tuple[str, np.ndarray]]) -> None:
+    def put_many(self, items: list[tuple[str, np.ndarray]], mixes: list[str | None] | None = None) -> None:
+        """Each request's memory key and, where an adapter's head and the memory answered it together,
+        what they said (``serving.mixing.ServedMix`` JSON), for the feedback that will judge it."""
         pipe = self._r.pipeline(transaction=False)
-        for request_id, emb in items:
+        for i, (request_id, emb) in enumerate(items):
             pipe.set(self._prefix + request_id, np.asarray(emb, dtype=np.float32).tobytes(), ex=self.ttl_s)
+            if mixes is not None and mixes[i] is not None:
+                pipe.set(self._mix_prefix + request_id, mixes[i], ex=self.ttl_s)
         pipe.execute()
+
+    @_guard("request mix read failed")
+    def get_mixes(self, request_ids: list[str]) -> list[bytes | None]:
+        if not request_ids:
+            return []
+        return list(self._r.mget([self._mix_prefix + r for r in request_ids]))
 
     @_guard("request embedding read failed")
     def get_many(self, request_ids: list[str], dim: int) -> list[np.ndarray | None]:

@@ -59,7 +59,8 @@ from serving.artifacts import Artifact, load_artifact
 from serving.compensator import CompensationConfig
 from serving.encoder import Encoder
 from serving.memory import InProcessMemory
-from serving.predictor import Predictor
+from serving.mixing import ServedMix
+from serving.predictor import Prediction, Predictor, memory_weight
 from streams.redis_store import MemoryEntry
 from streams.schemas import DEFAULT_DOMAIN, FeedbackEvent
 
@@ -84,6 +85,7 @@ class TransferBench:
     teacher: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, max_steps=400, batch_size=16))
     transfer: TransferConfig = field(default_factory=TransferConfig)
     comp: CompensationConfig = field(default_factory=CompensationConfig)
+    online_mix: bool = True  # labels carry what head and memory said, as in serving (False: fixed weight)
 
 
 def _domain(e: StreamEvent) -> str:
@@ -139,9 +141,15 @@ class _System:
     """One Predictor (encoder + active adapters); variants swap its memory and compensation."""
 
     def __init__(
-        self, name: str, encoder: Encoder, adapters: list[Artifact], variants: list[_Variant], comp
+        self,
+        name: str,
+        encoder: Encoder,
+        adapters: list[Artifact],
+        variants: list[_Variant],
+        comp,
     ) -> None:
         self.name = name
+        self.online_mix = True
         self.comp_on, self.comp_off = comp, replace(comp, enabled=False)
         self.predictor = Predictor(encoder, InProcessMemory(encoder.dim), comp)
         self.adapters = adapters
@@ -151,7 +159,7 @@ class _System:
     def step(self, batch: list[StreamEvent]) -> None:
         t0 = time.perf_counter()
         texts, domains = [e.text for e in batch], [_domain(e) for e in batch]
-        keys = None
+        answered: dict[int, tuple[InProcessMemory, list[Prediction]]] = {}
         for v in self.variants:
             for artifact in v.adapters or self.adapters:
                 self.predictor.activate(artifact)
@@ -159,17 +167,26 @@ class _System:
             self.predictor.comp = self.comp_on if v.memory is not None else self.comp_off
             preds = self.predictor.predict(texts, domains)
             v.correct += [p.label == e.label for p, e in zip(preds, batch, strict=True)]
-            keys = np.stack([p.key for p in preds])
-        # Test-then-train: the labels reach every memory after the batch was answered.
+            if v.memory is not None:
+                answered.setdefault(id(v.memory), (v.memory, preds))
+        # Test-then-train: the labels reach every memory after the batch was answered, each with what
+        # that memory's own answers mixed (serving.mixing), as the memory writer logs them.
         version = self.predictor.base_version
-        entries = [
-            MemoryEntry(e.id, _domain(e), e.label, keys[i], e.ts, version) for i, e in enumerate(batch)
-        ]
-        seen: set[int] = set()
-        for v in self.variants:
-            if v.memory is not None and id(v.memory) not in seen:
-                seen.add(id(v.memory))
-                v.memory.add(entries)
+        for memory, preds in answered.values():
+            memory.add(
+                [
+                    MemoryEntry(
+                        e.id,
+                        _domain(e),
+                        e.label,
+                        preds[i].key,
+                        e.ts,
+                        version,
+                        mix=_outcome(preds[i], e.label) if self.online_mix else None,
+                    )
+                    for i, e in enumerate(batch)
+                ]
+            )
         self.seconds += time.perf_counter() - t0
 
 
@@ -347,6 +364,8 @@ def run(stream: Path, out: Path, cfg: TransferBench) -> dict[str, Any]:
                 cfg.comp,
             )
         )
+    for system in systems:
+        system.online_mix = cfg.online_mix
     memos = {id(s.predictor.encoder): s.predictor.encoder for s in systems}
     memos = {k: _BatchMemo(e) for k, e in memos.items()}
     for start in range(0, len(test), cfg.batch):
@@ -358,12 +377,29 @@ def run(stream: Path, out: Path, cfg: TransferBench) -> dict[str, Any]:
     table: dict[str, Any] = {}
     for system in systems:
         for v in system.variants:
-            table[f"{system.name}/{v.name}"] = {
+            row = table[f"{system.name}/{v.name}"] = {
                 "accuracy": float(np.mean(v.correct)),
                 "windows": _windows(v.correct, cfg.window),
             }
+            if v.memory is not None:
+                row["mix_weight"] = _mix_weights(v.memory, v.adapters or system.adapters)
         timings[f"replay_{system.name}_s"] = system.seconds
     return _finish(result | {"transfers": transfers, "results": table}, out, timings, started, cfg)
+
+
+def _outcome(p: Prediction, label: str) -> tuple[str, float, float] | None:
+    served = ServedMix.from_json(p.mix) if p.mix is not None else None
+    return served.outcome(label) if served is not None else None
+
+
+def _mix_weights(memory: InProcessMemory, adapters: list[Artifact]) -> dict[str, list[float]]:
+    """Per adapter version: [fitted weight, weight learned online at the end, labelled answers used]."""
+    out = {}
+    for a in adapters:
+        prior = memory_weight(a)
+        learned, n = memory.mixing.weight(a.manifest.domain, a.manifest.version, prior)
+        out[a.manifest.version] = [prior, learned, float(n)]
+    return out
 
 
 def _finish(result: dict[str, Any], out: Path, timings: dict[str, float], started: float, cfg) -> dict:
@@ -407,6 +443,14 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "Memory gain per window (points, memory minus no memory on the same system):", ""]
         for name, g in gains.items():
             lines.append(f"- {name}: " + ", ".join(f"{100 * x:+.1f}" for x in g))
+    mixes = {n: r["mix_weight"] for n, r in rows.items() if r.get("mix_weight")}
+    if mixes:
+        lines += ["", "Memory weight beside the head: fitted -> learned online at the end (answers):", ""]
+        for name, per in mixes.items():
+            lines.append(
+                f"- {name}: "
+                + ", ".join(f"{v} {w0:.2f} -> {w1:.2f} ({n:.0f})" for v, (w0, w1, n) in per.items())
+            )
     lines += ["", "Serving calibration (fitted on the buffer's holdout, as the learner does):", ""]
     for name, cal in result.get("serving_calibration", {}).items():
         lines.append(f"- {name}: " + (", ".join(f"{k} {v:.2f}" for k, v in cal.items()) or "defaults"))

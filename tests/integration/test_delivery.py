@@ -6,6 +6,7 @@ import json
 import random
 import threading
 import time
+from collections import namedtuple
 
 import numpy as np
 import pytest
@@ -13,8 +14,9 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from ops.settings import load_settings
 from serving.encoder import model_fingerprint
-from serving.feedback_writer import GROUP_ROLE
-from streams.kafka_io import ensure_topics
+from serving.feedback_writer import GROUP_ROLE, MemoryWriter
+from serving.mixing import ServedMix
+from streams.kafka_io import ensure_topics, make_producer
 from streams.redis_store import MemoryLog, RequestEmbeddings, connect
 from streams.schemas import MAX_EVENT_BYTES
 from tests.conftest import wait_for
@@ -236,3 +238,44 @@ def test_consumption_resumes_from_committed_offsets_after_a_broker_restart(
     assert sorted(_ids_in(log)) == sorted(f"p-{i}" for i in range(200))
     # Resumed from the committed offsets: nothing before them was consumed again.
     assert log.duplicates() == 0
+
+
+def test_what_head_and_memory_said_travels_from_request_to_every_replicas_log(isolated, tiny_model_dir):
+    """Serving's record of a mixed answer, the writer's entry for its label, and the Redis log a replica
+    reads: the (version, p_head, p_memory) that calibrates the mix survives each hop; entries without
+    one read back as before."""
+    settings = isolated(create_topics=False)
+    fingerprint = model_fingerprint(tiny_model_dir)
+    rcfg = settings.redis()
+    client = connect(rcfg)
+    cache = RequestEmbeddings(client, rcfg, fingerprint)
+    vec = np.ones(32, dtype=np.float32) / np.sqrt(32)
+    served = ServedMix("v3", {"pos": 0.8, "neg": 0.2}, {"pos": 0.25, "neg": 0.75})
+    cache.put_many([("req-a", vec), ("req-b", vec)], [served.to_json(), None])
+    assert cache.get_mixes(["req-a", "req-b", "req-none"])[1:] == [None, None]
+
+    class KeysOnly:  # the keys come from the request cache: no model call is needed
+        dim = 32
+        fingerprint = model_fingerprint(tiny_model_dir)
+
+        def encode(self, texts):
+            return np.tile(vec, (len(texts), 1))
+
+    log = _memory(settings, fingerprint)
+    producer = make_producer(settings.kafka())
+    try:
+        writer = MemoryWriter(KeysOnly(), settings.kafka(), log, producer, cache)
+        rows = [
+            {"event_id": "a", "text": "t", "label": "neg", "request_id": "req-a"},
+            {"event_id": "b", "text": "t", "label": "neg", "request_id": "req-b"},
+            {"event_id": "c", "text": "t", "label": "neg"},
+        ]
+        Record = namedtuple("Record", "topic partition offset key value")
+        records = [
+            Record(settings.feedback_topic, 0, i, b"d", json.dumps(r).encode()) for i, r in enumerate(rows)
+        ]
+        assert writer.handle(records)["applied"] == 3
+    finally:
+        producer.close()
+    read = {op.event_id: op.mix for _, op in log.read_since("0", count=10)}
+    assert read == {"a": ("v3", 0.2, 0.75), "b": None, "c": None}

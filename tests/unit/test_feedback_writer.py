@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from serving.feedback_writer import MemoryWriter
+from serving.mixing import ServedMix
 from streams.errors import StoreUnavailable
 from streams.kafka_io import KafkaConfig
 from streams.schemas import FeedbackEvent
@@ -96,11 +97,18 @@ def test_store_failure_raises_so_nothing_is_committed(tiny_encoder):
 
 
 class FakeRequestEmbeddings:
-    def __init__(self, known):
+    def __init__(self, known, mixes=None, fail_mixes: bool = False):
         self.known = known
+        self.mixes = mixes or {}
+        self.fail_mixes = fail_mixes
 
     def get_many(self, request_ids, dim):
         return [self.known.get(r) for r in request_ids]
+
+    def get_mixes(self, request_ids):
+        if self.fail_mixes:
+            raise StoreUnavailable("redis down")
+        return [self.mixes.get(r) for r in request_ids]
 
 
 def test_forget_after_add_in_the_same_batch(writer):
@@ -131,3 +139,25 @@ def test_request_id_fast_path_skips_encoding(tiny_encoder):
     np.testing.assert_allclose(keys[0], cached)
     np.testing.assert_allclose(keys[1], tiny_encoder.encode(["hello"])[0], atol=1e-5)
     np.testing.assert_allclose(keys[2], keys[1], atol=1e-5)
+
+
+def test_entries_carry_what_head_and_memory_said_to_the_labelled_request(tiny_encoder):
+    served = ServedMix("v1", {"billing": 0.7, "bug": 0.3}, {"billing": 0.2, "bug": 0.8}).to_json().encode()
+    cache = FakeRequestEmbeddings({}, mixes={"r1": served, "r2": b"not json"})
+    log = FakeLog()
+    writer = MemoryWriter(tiny_encoder, KafkaConfig(), log, FakeProducer(), cache)
+    rows = [
+        {"event_id": "a", "text": "charged twice", "label": "bug", "request_id": "r1"},
+        {"event_id": "b", "text": "charged twice", "label": "bug", "request_id": "r2"},  # unreadable mix
+        {"event_id": "c", "text": "charged twice", "label": "new-label", "request_id": "r1"},
+        {"event_id": "d", "text": "charged twice", "label": "bug"},  # names no request
+    ]
+    writer.handle([_rec(i, json.dumps(r).encode()) for i, r in enumerate(rows)])
+    mixes = {k: e.mix for k, e in log.applied.items()}
+    assert mixes == {"a": ("v1", 0.3, 0.8), "b": None, "c": ("v1", 0.0, 0.0), "d": None}
+    # Redis failing on the mix read costs the calibration, never the entry.
+    failing = MemoryWriter(
+        tiny_encoder, KafkaConfig(), FakeLog(), FakeProducer(), FakeRequestEmbeddings({}, fail_mixes=True)
+    )
+    assert failing.handle([_rec(0, json.dumps(rows[0]).encode())])["applied"] == 1
+    assert failing.log.applied["a"].mix is None

@@ -12,6 +12,7 @@ from learners.trainer import TrainConfig, train_adapter
 from serving.artifacts import load_artifact
 from serving.compensator import CompensationConfig
 from serving.memory import InProcessMemory
+from serving.mixing import ServedMix
 from serving.predictor import AdapterCachePolicy, Predictor, RetrievalConfig, adapter_name
 from streams.redis_store import MemoryEntry
 from streams.schemas import ArtifactManifest
@@ -246,3 +247,32 @@ def test_an_adapter_raises_the_compensation_floor_never_lowers_it():
     assert compensation_for(comp, art(compensation_sim_low=0.8)).sim_low == 0.8
     assert compensation_for(comp, art(compensation_sim_low=0.5)) is comp  # never below the deployment's
     assert compensation_for(comp, art(compensation_sim_low=0.95)) is comp  # never at or past sim_high
+
+
+def _served_weight(p) -> float:
+    """The memory weight an answer was mixed at, from its scores and the two distributions it records."""
+    mix = ServedMix.from_json(p.mix)
+    lab = max(mix.head, key=lambda k: abs(mix.head[k] - mix.memory.get(k, 0.0)))
+    head, mem = mix.head[lab], mix.memory.get(lab, 0.0)
+    return (p.scores.get(lab, 0.0) - head) / (mem - head)
+
+
+def test_labelled_answers_teach_the_served_mix_and_a_forget_undoes_it(tmp_path, tiny_encoder):
+    predictor = Predictor(tiny_encoder, InProcessMemory(tiny_encoder.dim), CompensationConfig(enabled=False))
+    predictor.activate(_artifact(tmp_path, tiny_encoder, "v1"))
+    _remember(predictor, [("good thing", "neg"), ("bad thing", "pos"), ("great stuff", "neg")])
+    (before,) = predictor.predict(["good thing"], ["d"])
+    served = ServedMix.from_json(before.mix)
+    assert served is not None and served.adapter == "v1" and set(served.head) == {"pos", "neg"}
+    assert _served_weight(before) == pytest.approx(0.5, abs=1e-4)  # the artifact's (default) weight
+    # Labelled answers of v1 in which the head gave the true label far more than the memory did.
+    key = predictor.embed(["an unrelated sentence about trains"])[0]
+    judged = [MemoryEntry(f"j{i}", "d", "pos", key, 1.0, "v", mix=("v1", 0.9, 0.1)) for i in range(40)]
+    predictor.memory.add(judged)
+    (after,) = predictor.predict(["good thing"], ["d"])
+    learned, n = predictor.memory.mixing.weight("d", "v1", 0.5)
+    assert n == 40 and learned < 0.1
+    assert _served_weight(after) == pytest.approx(learned, abs=1e-4)
+    predictor.memory.remove([e.event_id for e in judged])
+    (forgotten,) = predictor.predict(["good thing"], ["d"])
+    assert _served_weight(forgotten) == pytest.approx(0.5, abs=1e-4)

@@ -131,6 +131,21 @@ def test_analysis_verdicts():
     assert verdict is False and "p99" in reason
 
 
+def test_slow_answers_fail_the_candidate_only_if_the_stable_ones_were_faster():
+    def window(candidate_ms: float, stable_ms: float) -> Window:
+        w = _window(10, latency=candidate_ms)
+        for i in range(20):
+            w.add_answer(_obs("stable", "a", "a", f"s{i}", stable_ms))
+        return w
+
+    # An overloaded node: both over the 100 ms bound, the candidate no slower than 1.5 x the stable.
+    verdict, reason, summary = analyse(window(500.0, 400.0), POLICY)
+    assert verdict is True and "as is the stable's 400 ms" in reason and summary["stable_p99_ms"] == 400.0
+    verdict, reason, _ = analyse(window(700.0, 400.0), POLICY)
+    assert verdict is False and "p99 700 ms > 100 ms and > 1.5 x stable 400 ms" in reason
+    assert analyse(window(90.0, 20.0), POLICY)[0] is True  # within the bound: the ratio does not matter
+
+
 def test_labels_are_only_judged_with_enough_of_them():
     w = Window()
     for i in range(10):

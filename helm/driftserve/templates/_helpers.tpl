@@ -267,6 +267,7 @@ float64 and would print 1000000 as 1e+06. Secrets are not here: see driftserve.s
 {{- $_ := set $s "canary_min_feedback" (int64 $c.minFeedback | toString) }}
 {{- $_ := set $s "canary_max_error_rate" (float64 $c.maxErrorRate | toString) }}
 {{- $_ := set $s "canary_max_p99_ms" (float64 $c.maxP99Ms | toString) }}
+{{- $_ := set $s "canary_max_p99_ratio" (float64 $c.maxP99Ratio | toString) }}
 {{- $_ := set $s "canary_max_nfr" (float64 $c.maxNfr | toString) }}
 {{- $_ := set $s "canary_epsilon" (float64 $c.epsilon | toString) }}
 {{- else if eq .role "memory-writer" }}
