@@ -81,12 +81,23 @@ def compensate_batch(
     neighbour similarities, descending, ``-inf`` where a row has fewer neighbours; ``label_idx`` (n, k)
     their labels as vocabulary indices. Returns the blended (n, V) distribution and lambda per row.
     """
+    out, lam, _, _ = compensate_batch_parts(probs, sims, label_idx, cfg)
+    return out, lam
+
+
+def compensate_batch_parts(
+    probs: np.ndarray, sims: np.ndarray, label_idx: np.ndarray, cfg: CompensationConfig, scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`compensate_batch` with the blend weight of rows below ``sim_high`` multiplied by ``scale``
+    (learned online, ``serving.mixing``); near-duplicates keep theirs. Returns the blended distribution,
+    the lambda used, the unscaled lambda and the neighbour label distribution ``y_bar`` (n, V)."""
     n, v = probs.shape
     if not cfg.enabled or sims.size == 0:
-        return probs, np.zeros(n)
+        return probs, np.zeros(n), np.zeros(n), np.zeros((n, v))
     top = sims[:, 0]
-    lam = cfg.lambda_max * np.clip((top - cfg.sim_low) / (cfg.sim_high - cfg.sim_low), 0.0, 1.0)
-    lam[~np.isfinite(top)] = 0.0
+    raw = cfg.lambda_max * np.clip((top - cfg.sim_low) / (cfg.sim_high - cfg.sim_low), 0.0, 1.0)
+    raw[~np.isfinite(top)] = 0.0
+    lam = np.where(top < cfg.sim_high, scale * raw, raw)
     z = (sims - np.where(np.isfinite(top), top, 0.0)[:, None]) / cfg.tau
     weights = np.where(np.isfinite(sims), np.exp(z), 0.0)
     weights /= np.clip(weights.sum(axis=1, keepdims=True), 1e-12, None)
@@ -95,4 +106,4 @@ def compensate_batch(
     out = (1.0 - lam)[:, None] * probs + lam[:, None] * y_bar
     total = out.sum(axis=1, keepdims=True)
     out = np.divide(out, total, out=np.zeros_like(out), where=total > 0)
-    return out, lam
+    return out, lam, raw, y_bar

@@ -19,7 +19,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from serving import metrics
 from serving.encoder import TextEncoder
-from serving.mixing import ServedMix
+from serving.mixing import Outcome, ServedMix
 from streams.errors import InvalidEvent, StoreUnavailable
 from streams.kafka_io import FAST_FETCH_WAIT_MS, KafkaConfig, dead_letter, make_consumer, make_producer
 from streams.redis_store import MemoryEntry, MemoryLog, RedisConfig, RequestEmbeddings, connect
@@ -94,10 +94,10 @@ class MemoryWriter:
             metrics.FEEDBACK_KEYS.labels("encoded").inc(len(missing))
         return keys
 
-    def mixes_for(self, events: list[FeedbackEvent]) -> list[tuple[str, float, float] | None]:
-        """What the head and the memory said to each labelled request (``serving.mixing``), where serving
-        kept it; missing (expired, no adapter, Redis down) only costs the weight's calibration a step."""
-        out: list[tuple[str, float, float] | None] = [None] * len(events)
+    def mixes_for(self, events: list[FeedbackEvent]) -> list[Outcome | None]:
+        """What each labelled request was answered with (``serving.mixing``), where serving kept it; a
+        missing record (expired, nothing to learn, Redis down) only costs the calibration a step."""
+        out: list[Outcome | None] = [None] * len(events)
         named = [i for i, e in enumerate(events) if e.request_id]
         if self.request_embeddings is None or not named:
             return out

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from serving.mixing import MixCalibrator
+from serving.mixing import MixCalibrator, Outcome
 from serving.scorer import FeedbackScorer, ScorerConfig
 from streams.redis_store import MemoryEntry
 
@@ -156,7 +156,7 @@ class InProcessMemory:
         for i, e in enumerate(fresh):
             self.scorer.observe(e.domain, e.embedding, e.label, neighbours.get(i))
             if e.mix is not None:
-                self.mixing.observe(e.event_id, e.domain, *e.mix)
+                self.mixing.observe(e.event_id, e.domain, Outcome(*e.mix))
             with self._lock:
                 row = self._domains.setdefault(e.domain, _Domain(self.dim)).append(e.embedding, e.label)
                 self._rows[e.event_id] = (e.domain, row)

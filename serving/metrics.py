@@ -37,6 +37,12 @@ MEMORY_MIX_WEIGHT = Gauge(
     ["domain"],
     multiprocess_mode="mostrecent",
 )
+COMPENSATION_SCALE = Gauge(
+    "driftserve_compensation_scale",
+    "per domain, the factor on the compensation blend for neighbours below sim_high, learned online",
+    ["domain"],
+    multiprocess_mode="mostrecent",
+)
 MEMORY_SYNC_ERRORS = Counter("driftserve_memory_sync_errors_total", "failed Redis reads while syncing")
 ADAPTER_SERVED = Gauge(
     "driftserve_adapter_served_timestamp_seconds",

@@ -22,7 +22,7 @@ import numpy as np
 
 from serving import metrics
 from serving.artifacts import Artifact
-from serving.compensator import CompensationConfig, compensate_batch
+from serving.compensator import CompensationConfig, compensate_batch_parts
 from serving.encoder import Encoder, TextEncoder
 from serving.guard import guard_margin, keeps_parent
 from serving.memory import InProcessMemory
@@ -433,7 +433,8 @@ class Predictor:
         the learner on held-out feedback, saved with the artifact's metrics).
         """
         t0 = time.perf_counter()
-        mixes: list[str] | None = None
+        served = ""  # the adapter version answering ("" for the memory alone): what calibration is kept by
+        mixed = compensated = None
         scorer_on = self.memory.scorer.cfg.enabled
         k = max(self.comp.k if self.comp.enabled else 0, self.memory.scorer.cfg.knn_k if scorer_on else 0)
         sims, neighbour_labels = (
@@ -448,12 +449,12 @@ class Predictor:
             probs = head_probs.astype(np.float64)
             version = f"{self.base_version}/{domain}@{active.artifact.manifest.version}"
             adapter: str | None = active.artifact.manifest.version
+            served = active.artifact.manifest.version
             if mem_vocab:
                 # The learner's weight, then what the labelled answers of this version taught since.
-                served = active.artifact.manifest.version
                 weight, _ = self.memory.mixing.weight(domain, served, memory_weight(active.artifact))
                 metrics.MEMORY_MIX_WEIGHT.labels(domain).set(weight)
-                mixes = encode_batch(served, vocab, probs, mem_vocab, mem_probs)
+                mixed = (list(vocab), probs, list(mem_vocab), mem_probs)
                 probs, vocab = mix_distributions(probs, vocab, mem_probs, mem_vocab, weight)
         else:
             vocab, probs = list(mem_vocab), mem_probs
@@ -471,7 +472,15 @@ class Predictor:
                 if probs.shape[1] < len(vocab):
                     probs = np.pad(probs, ((0, 0), (0, len(vocab) - probs.shape[1])))
                 label_idx = np.array([[index[lab] for lab in row] for row in neighbour_labels])
-                probs, lam = compensate_batch(probs, sims.astype(np.float64), label_idx, comp)
+                scale, _ = self.memory.mixing.comp_scale(domain, served)
+                metrics.COMPENSATION_SCALE.labels(domain).set(scale)
+                pre = probs
+                probs, lam, raw, y_bar = compensate_batch_parts(
+                    pre, sims.astype(np.float64), label_idx, comp, scale
+                )
+                learned = np.where(sims[:, 0] < comp.sim_high, raw, 0.0)  # near-duplicates are not scaled
+                compensated = (list(vocab), pre, y_bar, learned)
+        mixes = encode_batch(served, mixed, compensated) if mixed or compensated else [None] * len(keys)
         metrics.STAGE_LATENCY.labels("compensation").observe(time.perf_counter() - t0)
         out = []
         if len(vocab):
@@ -495,7 +504,7 @@ class Predictor:
                     compensated=bool(lam[i] > 0.0),
                     blend=float(lam[i]),
                     key=keys[i],
-                    mix=mixes[i] if mixes is not None else None,
+                    mix=mixes[i],
                 )
             )
         return out

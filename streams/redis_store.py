@@ -70,9 +70,10 @@ class MemoryEntry:
     ts: float
     model_version: str
     subject_id: str | None = None
-    # The answer this label judges, when the feedback named a request that an adapter's head and the
-    # memory answered together: (adapter version, p_head(label), p_memory(label)) (``serving.mixing``).
-    mix: tuple[str, float, float] | None = None
+    # The answer this label judges, when the feedback named a request serving kept a record of
+    # (``serving.mixing.Outcome``): (adapter version or "", p_head(label) and p_memory(label) or None,
+    # the compensation's unscaled lambda, p_before(label), p_neighbours(label)).
+    mix: tuple[str, float | None, float | None, float, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -261,12 +262,16 @@ def _decode(fields: dict[bytes, bytes]) -> MemoryEntry | Deletion:
     )
 
 
-def _decode_mix(raw: bytes | None) -> tuple[str, float, float] | None:
+def _decode_mix(raw: bytes | None) -> tuple[str, float | None, float | None, float, float, float] | None:
     if raw is None:
         return None
     try:
-        version, p_head, p_memory = json.loads(raw)
-        return str(version), float(p_head), float(p_memory)
+        version, p_head, p_memory, lam, p_pre, p_neighbours = json.loads(raw)
+
+        def opt(x) -> float | None:
+            return None if x is None else float(x)
+
+        return str(version), opt(p_head), opt(p_memory), float(lam), float(p_pre), float(p_neighbours)
     except (ValueError, TypeError):
         return None  # a malformed optional field costs the calibration one step, not the entry
 

@@ -59,7 +59,7 @@ from serving.artifacts import Artifact, load_artifact
 from serving.compensator import CompensationConfig
 from serving.encoder import Encoder
 from serving.memory import InProcessMemory
-from serving.mixing import ServedMix
+from serving.mixing import Outcome, ServedMix
 from serving.predictor import Prediction, Predictor, memory_weight
 from streams.redis_store import MemoryEntry
 from streams.schemas import DEFAULT_DOMAIN, FeedbackEvent
@@ -387,18 +387,20 @@ def run(stream: Path, out: Path, cfg: TransferBench) -> dict[str, Any]:
     return _finish(result | {"transfers": transfers, "results": table}, out, timings, started, cfg)
 
 
-def _outcome(p: Prediction, label: str) -> tuple[str, float, float] | None:
+def _outcome(p: Prediction, label: str) -> Outcome | None:
     served = ServedMix.from_json(p.mix) if p.mix is not None else None
     return served.outcome(label) if served is not None else None
 
 
 def _mix_weights(memory: InProcessMemory, adapters: list[Artifact]) -> dict[str, list[float]]:
-    """Per adapter version: [fitted weight, weight learned online at the end, labelled answers used]."""
+    """Per adapter version: [fitted weight, weight learned online at the end, labelled answers used,
+    compensation scale learned for mere neighbours, answers it learned from]."""
     out = {}
     for a in adapters:
         prior = memory_weight(a)
         learned, n = memory.mixing.weight(a.manifest.domain, a.manifest.version, prior)
-        out[a.manifest.version] = [prior, learned, float(n)]
+        scale, n_comp = memory.mixing.comp_scale(a.manifest.domain, a.manifest.version)
+        out[a.manifest.version] = [prior, learned, float(n), scale, float(n_comp)]
     return out
 
 
@@ -445,11 +447,19 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"- {name}: " + ", ".join(f"{100 * x:+.1f}" for x in g))
     mixes = {n: r["mix_weight"] for n, r in rows.items() if r.get("mix_weight")}
     if mixes:
-        lines += ["", "Memory weight beside the head: fitted -> learned online at the end (answers):", ""]
+        lines += [
+            "",
+            "Learned online by the end: memory weight beside the head, fitted -> learned (answers); "
+            "compensation scale for mere neighbours (answers):",
+            "",
+        ]
         for name, per in mixes.items():
             lines.append(
                 f"- {name}: "
-                + ", ".join(f"{v} {w0:.2f} -> {w1:.2f} ({n:.0f})" for v, (w0, w1, n) in per.items())
+                + ", ".join(
+                    f"{v} {r[0]:.2f} -> {r[1]:.2f} ({r[2]:.0f}); scale {r[3]:.2f} ({r[4]:.0f})"
+                    for v, r in per.items()
+                )
             )
     lines += ["", "Serving calibration (fitted on the buffer's holdout, as the learner does):", ""]
     for name, cal in result.get("serving_calibration", {}).items():

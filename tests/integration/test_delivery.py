@@ -278,4 +278,4 @@ def test_what_head_and_memory_said_travels_from_request_to_every_replicas_log(is
     finally:
         producer.close()
     read = {op.event_id: op.mix for _, op in log.read_since("0", count=10)}
-    assert read == {"a": ("v3", 0.2, 0.75), "b": None, "c": None}
+    assert read == {"a": ("v3", 0.2, 0.75, 0.0, 0.0, 0.0), "b": None, "c": None}

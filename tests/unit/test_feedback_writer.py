@@ -154,7 +154,12 @@ def test_entries_carry_what_head_and_memory_said_to_the_labelled_request(tiny_en
     ]
     writer.handle([_rec(i, json.dumps(r).encode()) for i, r in enumerate(rows)])
     mixes = {k: e.mix for k, e in log.applied.items()}
-    assert mixes == {"a": ("v1", 0.3, 0.8), "b": None, "c": ("v1", 0.0, 0.0), "d": None}
+    assert mixes == {
+        "a": ("v1", 0.3, 0.8, 0.0, 0.0, 0.0),
+        "b": None,
+        "c": ("v1", 0.0, 0.0, 0.0, 0.0, 0.0),
+        "d": None,
+    }
     # Redis failing on the mix read costs the calibration, never the entry.
     failing = MemoryWriter(
         tiny_encoder, KafkaConfig(), FakeLog(), FakeProducer(), FakeRequestEmbeddings({}, fail_mixes=True)

@@ -7,7 +7,18 @@ import random
 
 import pytest
 
-from serving.mixing import TOP_LABELS, W_MIN, WINDOW, MixCalibrator, ServedMix, encode_batch, step
+from serving.mixing import (
+    S_MIN,
+    TOP_LABELS,
+    W_MIN,
+    WINDOW,
+    MixCalibrator,
+    Outcome,
+    ServedMix,
+    comp_step,
+    encode_batch,
+    step,
+)
 
 
 def test_a_step_moves_toward_the_side_that_gave_the_label_more_probability():
@@ -20,7 +31,7 @@ def test_a_step_moves_toward_the_side_that_gave_the_label_more_probability():
 
 def _feed(cal: MixCalibrator, outcomes, domain="d", adapter="v1", start=0):
     for i, (ph, pm) in enumerate(outcomes):
-        cal.observe(f"e{start + i}", domain, adapter, ph, pm)
+        cal.observe(f"e{start + i}", domain, Outcome(adapter, ph, pm))
 
 
 def test_the_weight_finds_the_best_mix_not_just_the_better_side():
@@ -66,7 +77,7 @@ def test_a_forgotten_outcome_leaves_no_trace():
     cal.forget(forgotten)
     for i, (ph, pm) in enumerate(outcomes):
         if f"e{i}" not in forgotten:
-            clean.observe(f"e{i}", "d", "v1", ph, pm)
+            clean.observe(f"e{i}", "d", Outcome("v1", ph, pm))
     assert cal.weight("d", "v1", 0.5) == clean.weight("d", "v1", 0.5)
 
 
@@ -76,9 +87,11 @@ def test_served_mix_round_trips_keeps_the_top_labels_and_judges_a_label():
     back = ServedMix.from_json(mix.to_json())
     assert back is not None and back.adapter == "v7" and len(back.head) == TOP_LABELS
     assert set(back.head) == {f"l{i}" for i in range(40 - TOP_LABELS, 40)}
-    assert back.outcome("l39") == ("v7", 0.04, 0.6)
-    assert back.outcome("l0") == ("v7", 0.0, 0.4)  # beyond the head's top labels: probability 0
-    assert back.outcome("unseen") == ("v7", 0.0, 0.0)
+    assert back.outcome("l39") == ("v7", 0.04, 0.6, 0.0, 0.0, 0.0)
+    assert back.outcome("l0")[:3] == ("v7", 0.0, 0.4)  # beyond the head's top labels: probability 0
+    assert back.outcome("unseen")[:3] == ("v7", 0.0, 0.0)
+    alone = ServedMix.from_json(ServedMix("", pre={"a": 0.7, "b": 0.3}, y_bar={"b": 1.0}, lam=0.4).to_json())
+    assert alone.outcome("b") == ("", None, None, 0.4, 0.3, 1.0)  # memory alone: nothing for the mix
 
 
 @pytest.mark.parametrize("raw", [b"", b"[1, 2]", b"{}", json.dumps({"v": "x", "h": [], "m": {}}).encode()])
@@ -91,11 +104,31 @@ def test_a_batch_encodes_what_each_answer_mixed_for_small_and_large_label_sets()
 
     probs = np.array([[0.7, 0.3], [0.1, 0.9]])
     mem = np.array([[0.2, 0.5, 0.3], [0.6, 0.2, 0.2]])
-    rows = [ServedMix.from_json(r) for r in encode_batch('v"1', ["a", "b"], probs, ["a", "b", "c"], mem)]
-    assert rows[1] == ServedMix('v"1', {"a": 0.1, "b": 0.9}, {"a": 0.6, "b": 0.2, "c": 0.2})
+    mixed = (["a", "b"], probs, ["a", "b", "c"], mem)
+    comp = (["a", "b", "c"], mem, np.array([[0, 1.0, 0], [1.0, 0, 0]]), np.array([0.0, 0.45]))
+    rows = [ServedMix.from_json(r) for r in encode_batch('v"1', mixed, comp)]
+    assert rows[0] == ServedMix('v"1', {"a": 0.7, "b": 0.3}, {"a": 0.2, "b": 0.5, "c": 0.3})  # lam 0
+    assert rows[1].lam == 0.45 and rows[1].y_bar == {"a": 1.0, "b": 0.0, "c": 0.0}
+    assert encode_batch("", None, (comp[0], mem, comp[2], np.array([0.0, 0.3])))[0] is None
     many = [f"l{i}" for i in range(TOP_LABELS + 4)]
     wide = np.tile(np.arange(len(many), dtype=float) / 100, (2, 1))
-    (first, _) = [ServedMix.from_json(r) for r in encode_batch("v", many, wide, ["a"], np.ones((2, 1)))]
-    assert len(first.head) == TOP_LABELS and first.outcome(many[-1]) == ("v", wide[0, -1], 0.0)
-    assert first.outcome("a") == ("v", 0.0, 1.0)
-    assert first.outcome("l0") == ("v", 0.0, 0.0)  # not among the head's top labels
+    (first, _) = [
+        ServedMix.from_json(r) for r in encode_batch("v", (many, wide, ["a"], np.ones((2, 1))), None)
+    ]
+    assert len(first.head) == TOP_LABELS and first.outcome(many[-1])[:3] == ("v", wide[0, -1], 0.0)
+    assert first.outcome("a")[:3] == ("v", 0.0, 1.0)
+    assert first.outcome("l0")[:3] == ("v", 0.0, 0.0)  # not among the head's top labels
+
+
+def test_the_compensation_scale_learns_down_where_neighbours_mislead_and_stays_where_they_help():
+    assert comp_step(1.0, lam=0.5, p_pre=0.9, p_neighbours=0.1) < 1.0
+    assert comp_step(1.0, lam=0.5, p_pre=0.1, p_neighbours=0.9) == 1.0  # never above the design's blend
+    assert comp_step(S_MIN, lam=0.5, p_pre=1.0, p_neighbours=0.0) == S_MIN
+    cal = MixCalibrator()
+    for i in range(300):
+        cal.observe(f"m{i}", "reviews", Outcome("", None, None, 0.5, 0.8, 0.2))  # neighbours mostly wrong
+        cal.observe(f"h{i}", "spam", Outcome("", None, None, 0.5, 0.3, 0.9))  # neighbours mostly right
+    assert cal.comp_scale("reviews", "")[0] < 0.2
+    assert cal.comp_scale("spam", "") == (1.0, 300)
+    assert cal.weight("reviews", "", 0.5) == (0.5, 0)  # a memory-only answer teaches the mix nothing
+    assert cal.comp_scale("other", "") == (1.0, 0)

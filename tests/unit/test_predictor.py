@@ -267,7 +267,10 @@ def test_labelled_answers_teach_the_served_mix_and_a_forget_undoes_it(tmp_path, 
     assert _served_weight(before) == pytest.approx(0.5, abs=1e-4)  # the artifact's (default) weight
     # Labelled answers of v1 in which the head gave the true label far more than the memory did.
     key = predictor.embed(["an unrelated sentence about trains"])[0]
-    judged = [MemoryEntry(f"j{i}", "d", "pos", key, 1.0, "v", mix=("v1", 0.9, 0.1)) for i in range(40)]
+    judged = [
+        MemoryEntry(f"j{i}", "d", "pos", key, 1.0, "v", mix=("v1", 0.9, 0.1, 0.0, 0.0, 0.0))
+        for i in range(40)
+    ]
     predictor.memory.add(judged)
     (after,) = predictor.predict(["good thing"], ["d"])
     learned, n = predictor.memory.mixing.weight("d", "v1", 0.5)
@@ -276,3 +279,32 @@ def test_labelled_answers_teach_the_served_mix_and_a_forget_undoes_it(tmp_path, 
     predictor.memory.remove([e.event_id for e in judged])
     (forgotten,) = predictor.predict(["good thing"], ["d"])
     assert _served_weight(forgotten) == pytest.approx(0.5, abs=1e-4)
+
+
+def test_a_learned_compensation_scale_damps_mere_neighbours_never_near_duplicates(tiny_encoder):
+    predictor = Predictor(tiny_encoder, InProcessMemory(tiny_encoder.dim), CompensationConfig())
+    query = predictor.embed(["where is my parcel"])[0].astype(np.float64)
+    rng = np.random.default_rng(0)
+
+    def at(cos: float) -> np.ndarray:  # a unit key at this cosine similarity to the query
+        r = rng.normal(size=query.shape)
+        r -= (r @ query) * query
+        return (cos * query + np.sqrt(1 - cos**2) * r / np.linalg.norm(r)).astype(np.float32)
+
+    def entry(i: int, cos: float, label: str, mix=None) -> MemoryEntry:
+        return MemoryEntry(f"e{i}", "d", label, at(cos), float(i), "v", mix=mix)
+
+    predictor.memory.add([entry(0, 0.8, "late"), entry(1, 0.3, "lost")])
+    (before,) = predictor.predict(["where is my parcel"], ["d"])
+    raw = 0.9 * (0.8 - 0.6) / (0.95 - 0.6)  # lambda_max * (top - sim_low) / (sim_high - sim_low)
+    assert before.blend == pytest.approx(raw, abs=1e-3)
+    # Labels of memory-only answers in this domain whose neighbours pointed the wrong way.
+    misled = [entry(10 + i, 0.1, "lost", mix=("", None, None, raw, 0.8, 0.1)) for i in range(200)]
+    predictor.memory.add(misled)
+    scale, n = predictor.memory.mixing.comp_scale("d", "")
+    assert n == 200 and scale < 0.2
+    (damped,) = predictor.predict(["where is my parcel"], ["d"])
+    assert damped.blend == pytest.approx(scale * raw, abs=1e-3)
+    predictor.memory.add([entry(500, 0.99, "refund")])  # a near-duplicate keeps the full blend
+    (fixed,) = predictor.predict(["where is my parcel"], ["d"])
+    assert fixed.blend == pytest.approx(0.9) and fixed.label == "refund"
