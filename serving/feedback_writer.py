@@ -70,46 +70,36 @@ class MemoryWriter:
         )
         log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, exc)
 
-    def keys_for(self, events: list[FeedbackEvent]) -> np.ndarray:
-        """Memory keys: cached request embeddings where the feedback names a request, else encoded."""
+    def keys_for(self, events: list[FeedbackEvent]) -> tuple[np.ndarray, list[Outcome | None]]:
+        """Memory keys: cached request embeddings where the feedback names a request, else encoded; and
+        what each named request was answered with (``serving.mixing``), where serving kept it. One Redis
+        round trip for both; a missing record (expired, nothing to learn, Redis down) only costs the
+        encoding or a calibration step."""
         keys = np.zeros((len(events), self.encoder.dim), dtype=np.float32)
+        outcomes: list[Outcome | None] = [None] * len(events)
         missing = list(range(len(events)))
-        if self.request_embeddings is not None:
-            named = [i for i, e in enumerate(events) if e.request_id]
+        named = [i for i, e in enumerate(events) if e.request_id]
+        if self.request_embeddings is not None and named:
             try:
-                cached = self.request_embeddings.get_many(
+                cached, served = self.request_embeddings.get_many(
                     [events[i].request_id for i in named], self.encoder.dim
                 )
             except StoreUnavailable:
-                cached = [None] * len(named)
+                cached, served = [None] * len(named), [None] * len(named)
             hits = {i for i, vec in zip(named, cached, strict=True) if vec is not None}
-            for i, vec in zip(named, cached, strict=True):
+            for i, vec, raw in zip(named, cached, served, strict=True):
                 if vec is not None:
                     keys[i] = vec
+                mix = ServedMix.from_json(raw) if raw is not None else None
+                if mix is not None:
+                    outcomes[i] = mix.outcome(events[i].label)
             missing = [i for i in missing if i not in hits]
             if hits:
                 metrics.FEEDBACK_KEYS.labels("request_cache").inc(len(hits))
         if missing:
             keys[missing] = self.encoder.encode([events[i].text for i in missing])
             metrics.FEEDBACK_KEYS.labels("encoded").inc(len(missing))
-        return keys
-
-    def mixes_for(self, events: list[FeedbackEvent]) -> list[Outcome | None]:
-        """What each labelled request was answered with (``serving.mixing``), where serving kept it; a
-        missing record (expired, nothing to learn, Redis down) only costs the calibration a step."""
-        out: list[Outcome | None] = [None] * len(events)
-        named = [i for i, e in enumerate(events) if e.request_id]
-        if self.request_embeddings is None or not named:
-            return out
-        try:
-            raw = self.request_embeddings.get_mixes([events[i].request_id for i in named])
-        except StoreUnavailable:
-            return out
-        for i, value in zip(named, raw, strict=True):
-            served = ServedMix.from_json(value) if value is not None else None
-            if served is not None:
-                out[i] = served.outcome(events[i].label)
-        return out
+        return keys, outcomes
 
     def handle(self, records: list[ConsumerRecord]) -> dict[str, int]:
         """Apply one batch in order; raises (after only idempotent effects) if it must be retried."""
@@ -133,8 +123,7 @@ class MemoryWriter:
                 metrics.FEEDBACK_UNKNOWN_FIELDS.inc(len(parsed.unknown_fields))
             (forgets if isinstance(parsed.event, ForgetEvent) else feedback).append(parsed.event)
         if feedback:
-            keys = self.keys_for(feedback)
-            mixes = self.mixes_for(feedback)
+            keys, mixes = self.keys_for(feedback)
             version = self.encoder.fingerprint[:12]
             entries = [
                 MemoryEntry(e.event_id, e.domain, e.label, keys[i], e.ts, version, e.subject_id, mixes[i])

@@ -297,19 +297,18 @@ class RequestEmbeddings:
                 pipe.set(self._mix_prefix + request_id, mixes[i], ex=self.ttl_s)
         pipe.execute()
 
-    @_guard("request mix read failed")
-    def get_mixes(self, request_ids: list[str]) -> list[bytes | None]:
+    @_guard("request record read failed")
+    def get_many(
+        self, request_ids: list[str], dim: int
+    ) -> tuple[list[np.ndarray | None], list[bytes | None]]:
+        """Each request's memory key (None if expired or of another width) and its mix record (None if
+        none was kept), in one round trip."""
         if not request_ids:
-            return []
-        return list(self._r.mget([self._mix_prefix + r for r in request_ids]))
-
-    @_guard("request embedding read failed")
-    def get_many(self, request_ids: list[str], dim: int) -> list[np.ndarray | None]:
-        if not request_ids:
-            return []
-        raw = self._r.mget([self._prefix + r for r in request_ids])
-        out: list[np.ndarray | None] = []
-        for value in raw:
+            return [], []
+        names = [self._prefix + r for r in request_ids] + [self._mix_prefix + r for r in request_ids]
+        raw = self._r.mget(names)
+        keys: list[np.ndarray | None] = []
+        for value in raw[: len(request_ids)]:
             vec = None if value is None else np.frombuffer(value, dtype=np.float32)
-            out.append(vec if vec is not None and vec.shape == (dim,) else None)
-        return out
+            keys.append(vec if vec is not None and vec.shape == (dim,) else None)
+        return keys, list(raw[len(request_ids) :])

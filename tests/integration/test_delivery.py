@@ -252,7 +252,9 @@ def test_what_head_and_memory_said_travels_from_request_to_every_replicas_log(is
     vec = np.ones(32, dtype=np.float32) / np.sqrt(32)
     served = ServedMix("v3", {"pos": 0.8, "neg": 0.2}, {"pos": 0.25, "neg": 0.75})
     cache.put_many([("req-a", vec), ("req-b", vec)], [served.to_json(), None])
-    assert cache.get_mixes(["req-a", "req-b", "req-none"])[1:] == [None, None]
+    keys, mixes = cache.get_many(["req-a", "req-b", "req-none"], 32)
+    assert [k is not None for k in keys] == [True, True, False] and mixes[1:] == [None, None]
+    assert ServedMix.from_json(mixes[0]) == served
 
     class KeysOnly:  # the keys come from the request cache: no model call is needed
         dim = 32

@@ -97,18 +97,17 @@ def test_store_failure_raises_so_nothing_is_committed(tiny_encoder):
 
 
 class FakeRequestEmbeddings:
-    def __init__(self, known, mixes=None, fail_mixes: bool = False):
+    def __init__(self, known, mixes=None, fail: bool = False):
         self.known = known
         self.mixes = mixes or {}
-        self.fail_mixes = fail_mixes
+        self.fail = fail
+        self.calls = 0
 
     def get_many(self, request_ids, dim):
-        return [self.known.get(r) for r in request_ids]
-
-    def get_mixes(self, request_ids):
-        if self.fail_mixes:
+        self.calls += 1
+        if self.fail:
             raise StoreUnavailable("redis down")
-        return [self.mixes.get(r) for r in request_ids]
+        return [self.known.get(r) for r in request_ids], [self.mixes.get(r) for r in request_ids]
 
 
 def test_forget_after_add_in_the_same_batch(writer):
@@ -127,15 +126,15 @@ def test_invalid_forget_is_dead_lettered(writer):
 
 def test_request_id_fast_path_skips_encoding(tiny_encoder):
     cached = np.ones(tiny_encoder.dim, dtype=np.float32) / np.sqrt(tiny_encoder.dim)
-    writer = MemoryWriter(
-        tiny_encoder, KafkaConfig(), FakeLog(), FakeProducer(), FakeRequestEmbeddings({"r1": cached})
-    )
+    cache = FakeRequestEmbeddings({"r1": cached})
+    writer = MemoryWriter(tiny_encoder, KafkaConfig(), FakeLog(), FakeProducer(), cache)
     events = [
         FeedbackEvent(event_id="a", text="hello", label="x", request_id="r1"),
         FeedbackEvent(event_id="b", text="hello", label="x", request_id="unknown"),
         FeedbackEvent(event_id="c", text="hello", label="x"),
     ]
-    keys = writer.keys_for(events)
+    keys, _ = writer.keys_for(events)
+    assert cache.calls == 1  # one round trip for the named requests
     np.testing.assert_allclose(keys[0], cached)
     np.testing.assert_allclose(keys[1], tiny_encoder.encode(["hello"])[0], atol=1e-5)
     np.testing.assert_allclose(keys[2], keys[1], atol=1e-5)
@@ -153,6 +152,7 @@ def test_entries_carry_what_head_and_memory_said_to_the_labelled_request(tiny_en
         {"event_id": "d", "text": "charged twice", "label": "bug"},  # names no request
     ]
     writer.handle([_rec(i, json.dumps(r).encode()) for i, r in enumerate(rows)])
+    assert cache.calls == 1  # keys and mix records in one round trip
     mixes = {k: e.mix for k, e in log.applied.items()}
     assert mixes == {
         "a": ("v1", 0.3, 0.8, 0.0, 0.0, 0.0),
@@ -160,9 +160,9 @@ def test_entries_carry_what_head_and_memory_said_to_the_labelled_request(tiny_en
         "c": ("v1", 0.0, 0.0, 0.0, 0.0, 0.0),
         "d": None,
     }
-    # Redis failing on the mix read costs the calibration, never the entry.
+    # Redis failing on the request read costs the calibration (the text is encoded), never the entry.
     failing = MemoryWriter(
-        tiny_encoder, KafkaConfig(), FakeLog(), FakeProducer(), FakeRequestEmbeddings({}, fail_mixes=True)
+        tiny_encoder, KafkaConfig(), FakeLog(), FakeProducer(), FakeRequestEmbeddings({}, fail=True)
     )
     assert failing.handle([_rec(0, json.dumps(rows[0]).encode())])["applied"] == 1
     assert failing.log.applied["a"].mix is None
