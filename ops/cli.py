@@ -313,7 +313,7 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "name",
-        choices=["feedback", "serve", "retrieval", "memory", "encoder", "transfer", "nfr"],
+        choices=["feedback", "serve", "retrieval", "memory", "overhead", "encoder", "transfer", "nfr"],
         help="which benchmark",
     )
     parser.add_argument("--streams", nargs="*", default=[], help="labelled streams to mix (retrieval)")
@@ -325,7 +325,10 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-every", type=int, default=50, help="probe every Nth event (feedback)")
     parser.add_argument("--ingest-events", type=int, default=2000, help="burst size (feedback)")
     parser.add_argument("--sizes", default="1000,10000,100000,1000000", help="memory sizes (memory)")
-    parser.add_argument("--kinds", default="exact,ann,ivf", help="memory kinds to compare (memory)")
+    parser.add_argument("--kinds", default="exact,ann,ivf", help="memory kinds to compare (memory, overhead)")
+    parser.add_argument("--entries", type=int, default=100_000, help="memory entries (overhead)")
+    parser.add_argument("--batches", default="1,4,16", help="batch sizes (overhead)")
+    parser.add_argument("--no-adapters", action="store_true", help="memory-served domains only (overhead)")
     parser.add_argument("--start", type=int, default=0, help="events skipped before the history (transfer)")
     parser.add_argument("--history", type=int, default=8000, help="events before the migration (transfer)")
     parser.add_argument("--evaluate", type=int, default=4000, help="events replayed after it (transfer)")
@@ -414,6 +417,20 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
         memory.run(out, [int(x) for x in args.sizes.split(",")], kinds=args.kinds.split(","))
         print((out / "memory.md").read_text())
+        return 0
+    if args.name == "overhead":
+        from ops.bench import overhead
+
+        overhead.run(
+            out,
+            entries=args.entries,
+            kinds=tuple(args.kinds.split(",")),
+            batch_sizes=tuple(int(b) for b in args.batches.split(",")),
+            runtime=settings.runtime,
+            model_path=settings.model_path,
+            adapters=not args.no_adapters,
+        )
+        print((out / "overhead.md").read_text())
         return 0
     if args.name == "transfer":
         return _bench_transfer(args, settings, out)

@@ -20,6 +20,10 @@ from serving.scorer import FeedbackScorer, ScorerConfig
 from streams.redis_store import MemoryEntry
 
 
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-9, None)
+
+
 class ErrorMemory(Protocol):
     def add(self, entries: list[MemoryEntry]) -> int: ...
 
@@ -39,6 +43,8 @@ class _Domain:
 
     live: int = 0
     deletions: int = 0  # bumps the device mirror's mask
+    version: int = 0  # bumped by every append and removal: keys the cached class means
+    means_cache: tuple | None = None  # (version, labels, unit-norm class means)
     device_keys: object = None  # torch tensor mirror of keys[:synced] on the accelerator
     device_alive: object = None
     synced: int = 0
@@ -91,6 +97,7 @@ class _Domain:
             self.class_counts[label] = 0
         self.class_sums[label] += emb
         self.class_counts[label] += 1
+        self.version += 1
         return row
 
     def remove(self, row: int) -> None:
@@ -100,6 +107,7 @@ class _Domain:
         self.alive[row] = False
         self.live -= 1
         self.deletions += 1
+        self.version += 1
         label = self.labels[row]
         self.class_sums[label] -= self.keys[row]
         self.class_counts[label] -= 1
@@ -122,6 +130,7 @@ class InProcessMemory:
         self.mixing = MixCalibrator()  # the head / memory weight of adapter-served domains
         self._stale: set[str] = set()  # domains whose scorer saw entries removed since
         self._deferring = False  # inside ``apply``: retrain the scorers once at the end
+        self._centroids: tuple | None = None  # ((domain, version), ...), names, unit-norm centroids
 
     def add(self, entries: list[MemoryEntry]) -> int:
         """Store entries in order; the scorer learns each one after predicting it (prequential).
@@ -275,25 +284,35 @@ class InProcessMemory:
         return top, _labels_of(d.labels, idx)
 
     def class_means(self, domain: str) -> tuple[list[str], np.ndarray]:
-        """Labels and unit-norm class means for the nearest-class-mean head."""
+        """Labels and unit-norm class means for the nearest-class-mean head. Computed once per change of
+        the domain (every request's compensation and routing reads them); callers must not modify them."""
         with self._lock:
             d = self._domains.get(domain)
             if d is None or not d.class_sums:
                 return [], np.zeros((0, self.dim), dtype=np.float32)
-            labels = sorted(d.class_sums)
-            means = np.stack([d.class_sums[lab] / d.class_counts[lab] for lab in labels]).astype(np.float32)
-        norms = np.linalg.norm(means, axis=1, keepdims=True)
-        return labels, means / np.clip(norms, 1e-9, None)
+            if d.means_cache is None or d.means_cache[0] != d.version:
+                labels = sorted(d.class_sums)
+                means = np.stack([d.class_sums[lab] / d.class_counts[lab] for lab in labels])
+                means = _unit_rows(means.astype(np.float32))
+                means.flags.writeable = False
+                d.means_cache = (d.version, labels, means)
+            return list(d.means_cache[1]), d.means_cache[2]
 
     def domain_centroids(self) -> tuple[list[str], np.ndarray]:
-        """Unit-norm mean key of each domain's live entries: the retrieval key of the domain."""
+        """Unit-norm mean key of each domain's live entries: the retrieval key of the domain. Computed
+        once per change of the memory; callers must not modify the array."""
         with self._lock:
-            names = [n for n, d in self._domains.items() if d.live > 0]
-            sums = [sum(self._domains[n].class_sums.values()) for n in names]
-        if not names:
-            return [], np.zeros((0, self.dim), dtype=np.float32)
-        cents = np.stack(sums).astype(np.float32)
-        return names, cents / np.clip(np.linalg.norm(cents, axis=1, keepdims=True), 1e-9, None)
+            state = tuple((n, d.version) for n, d in self._domains.items() if d.live > 0)
+            if self._centroids is None or self._centroids[0] != state:
+                names = [n for n, _ in state]
+                if names:
+                    sums = [sum(self._domains[n].class_sums.values()) for n in names]
+                    cents = _unit_rows(np.stack(sums).astype(np.float32))
+                else:
+                    cents = np.zeros((0, self.dim), dtype=np.float32)
+                cents.flags.writeable = False
+                self._centroids = (state, names, cents)
+            return list(self._centroids[1]), self._centroids[2]
 
     def labels(self, domain: str) -> list[str]:
         with self._lock:

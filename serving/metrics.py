@@ -63,6 +63,9 @@ STAGE_LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
 )
 RETRIEVAL = Counter("driftserve_retrieval_total", "routing of requests that name no domain", ["outcome"])
+# The request path's fixed label sets, bound once (``labels()`` takes a lock and a lookup per call).
+STAGE = {s: STAGE_LATENCY.labels(s) for s in ("encode", "retrieval", "adapter", "compensation")}
+ROUTED, ROUTE_FALLBACK = RETRIEVAL.labels("routed"), RETRIEVAL.labels("fallback")
 ADAPTER_SWAPS = Counter("driftserve_adapter_swaps_total", "adapter hot-swaps", ["outcome"])  # loaded|rejected
 FEEDBACK_CONSUMED = Counter(
     "driftserve_feedback_consumed_total", "feedback messages consumed", ["consumer", "outcome"]

@@ -282,28 +282,42 @@ class Predictor:
 
     def route(self, key: np.ndarray) -> tuple[str, float]:
         """The domain for a request that names none, and the similarity of its key to that domain."""
+        return self.route_batch(np.asarray(key, dtype=np.float32).reshape(1, -1))[0]
+
+    def route_batch(self, keys: np.ndarray) -> list[tuple[str, float]]:
+        """``route`` for every row of ``keys`` at once: one product against the domain keys and one per
+        candidate domain's class means, whatever the batch size."""
         cfg = self.retrieval
         names, cents = self.memory.domain_centroids()
         if not cfg.enabled or not names:
-            metrics.RETRIEVAL.labels("fallback").inc()
-            return DEFAULT_DOMAIN, 0.0
-        sims = cents @ key
-        order = np.argsort(-sims)[: cfg.candidates]
-        if sims[order[0]] < cfg.min_similarity:
-            metrics.RETRIEVAL.labels("fallback").inc()
-            return DEFAULT_DOMAIN, float(sims[order[0]])
+            metrics.ROUTE_FALLBACK.inc(len(keys))
+            return [(DEFAULT_DOMAIN, 0.0)] * len(keys)
+        sims = keys @ cents.T  # (rows, domains)
+        order = np.argsort(-sims, axis=1, kind="stable")[:, : cfg.candidates]
+        rows = np.arange(len(keys))
+        confident = sims[rows, order[:, 0]] >= cfg.min_similarity
         # MOS refinement: predict the class over the candidates' classes jointly and map it back to the
         # domain that owns it (its nearest class mean), instead of trusting the domain centroid alone.
-        best, best_sim = names[order[0]], -np.inf
-        for i in order:
-            labels, means = self.memory.class_means(names[i])
-            if labels:
-                top = float((means @ key).max())
-                if top > best_sim:
-                    best, best_sim = names[i], top
-        current = best
-        metrics.RETRIEVAL.labels("routed").inc()
-        return current, float(sims[names.index(current)])
+        # Candidates are compared in centroid order, so a tie keeps the nearer domain.
+        class_sim = np.full(order.shape, -np.inf, dtype=np.float32)
+        for j in set(order[confident].ravel().tolist()):
+            _, means = self.memory.class_means(names[j])
+            if len(means):
+                best = (keys @ means.T).max(axis=1)
+                class_sim = np.where(order == j, best[:, None], class_sim)
+        chosen = order[rows, np.argmax(class_sim, axis=1)]
+        out: list[tuple[str, float]] = []
+        for i in range(len(keys)):
+            if confident[i]:
+                out.append((names[chosen[i]], float(sims[i, chosen[i]])))
+            else:
+                out.append((DEFAULT_DOMAIN, float(sims[i, order[i, 0]])))
+        routed = int(confident.sum())
+        if routed:
+            metrics.ROUTED.inc(routed)
+        if routed < len(keys):
+            metrics.ROUTE_FALLBACK.inc(len(keys) - routed)
+        return out
 
     def predict(
         self,
@@ -320,11 +334,13 @@ class Predictor:
         ids = list(request_ids) if request_ids is not None else [None] * len(texts)
         t0 = time.perf_counter()
         keys = self.embed(texts)
-        metrics.STAGE_LATENCY.labels("encode").observe(time.perf_counter() - t0)
+        metrics.STAGE["encode"].observe(time.perf_counter() - t0)
         if any(d is None for d in domains):
             t1 = time.perf_counter()
-            domains = [d if d is not None else self.route(keys[i])[0] for i, d in enumerate(domains)]
-            metrics.STAGE_LATENCY.labels("retrieval").observe(time.perf_counter() - t1)
+            unnamed = [i for i, d in enumerate(domains) if d is None]
+            routed = iter(self.route_batch(keys[unnamed]))
+            domains = [d if d is not None else next(routed)[0] for d in domains]
+            metrics.STAGE["retrieval"].observe(time.perf_counter() - t1)
         metrics.BATCH_SIZE.observe(len(texts))
         results: list[Prediction | None] = [None] * len(texts)
         by_domain: dict[str, list[int]] = {}
@@ -372,7 +388,7 @@ class Predictor:
                     guard = active.guard
                     assert guard is not None
                     guard_probs = guard.artifact.head.probs(self.encoder.encode(texts, adapter=guard.name))
-                metrics.STAGE_LATENCY.labels("adapter").observe(time.perf_counter() - t1)
+                metrics.STAGE["adapter"].observe(time.perf_counter() - t1)
         preds = self._finish_group(domain, keys, active, head_probs)
         if guard is None or active is None:
             return preds
@@ -481,7 +497,7 @@ class Predictor:
                 learned = np.where(sims[:, 0] < comp.sim_high, raw, 0.0)  # near-duplicates are not scaled
                 compensated = (list(vocab), pre, y_bar, learned)
         mixes = encode_batch(served, mixed, compensated) if mixed or compensated else [None] * len(keys)
-        metrics.STAGE_LATENCY.labels("compensation").observe(time.perf_counter() - t0)
+        metrics.STAGE["compensation"].observe(time.perf_counter() - t0)
         out = []
         if len(vocab):
             top = probs.argmax(axis=1)

@@ -169,6 +169,36 @@ def test_class_means_follow_adds_and_removes(kind):
     assert len(mem) == 300 - len(gone)
 
 
+def test_cached_class_means_and_centroids_follow_every_change(kind):
+    """Both are cached per change of the memory (every request reads them): a read between changes must
+    never see the state before the change, and no caller can write into the cache."""
+    mem = _memory(kind, dim=2)
+    mem.add([_entry(1, [1, 0], "a", domain="x"), _entry(2, [0, 1], "b", domain="y")])
+    labels, means = mem.class_means("x")
+    names, cents = mem.domain_centroids()
+    assert (labels, names) == (["a"], ["x", "y"])
+    assert mem.class_means("x")[1] is means  # unchanged memory: the cached array
+    with pytest.raises(ValueError):
+        means[0, 0] = 5.0
+    with pytest.raises(ValueError):
+        cents[0, 0] = 5.0
+    labels.append("mutated")  # the returned list is the caller's own
+    assert mem.class_means("x")[0] == ["a"]
+    mem.add([_entry(3, [0, 1], "a", domain="x"), _entry(4, [1, 1], "c", domain="x")])
+    labels, means = mem.class_means("x")
+    assert labels == ["a", "c"]
+    np.testing.assert_allclose(means, [_unit([1, 1]), _unit([1, 1])], atol=1e-6)
+    np.testing.assert_allclose(mem.domain_centroids()[1][0], _unit([2, 2]), atol=1e-6)
+    mem.remove(["e4"])
+    assert mem.class_means("x")[0] == ["a"]
+    mem.remove(["e2"])
+    names, cents = mem.domain_centroids()
+    assert names == ["x"] and cents.shape == (1, 2)
+    np.testing.assert_allclose(cents[0], _unit([1, 1]), atol=1e-6)
+    mem.remove(["e1", "e3"])
+    assert mem.domain_centroids()[0] == [] and mem.class_means("x")[0] == []
+
+
 def test_batch_search_matches_single_search(kind):
     rng = np.random.default_rng(2)
     mem = _memory(kind, dim=8)

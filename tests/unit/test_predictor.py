@@ -166,6 +166,48 @@ def test_retrieval_routes_to_the_domain_owning_the_nearest_class(tiny_encoder):
     assert off.route(_vec(0, 1, 0))[0] == "default"
 
 
+def _route_reference(mem, cfg, key):
+    """The routing rule spelled out one request at a time: nearest domain keys, then the candidate that
+    owns the nearest class mean (first in centroid order on a tie)."""
+    names, cents = mem.domain_centroids()
+    sims = cents @ key
+    order = np.argsort(-sims, kind="stable")[: cfg.candidates]
+    if sims[order[0]] < cfg.min_similarity:
+        return "default", float(sims[order[0]])
+    best, best_sim = names[order[0]], -np.inf
+    for i in order:
+        top = float((mem.class_means(names[i])[1] @ key).max())
+        if top > best_sim:
+            best, best_sim = names[i], top
+    return best, float(sims[names.index(best)])
+
+
+def test_batched_routing_matches_the_rule_request_by_request(tiny_encoder):
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(12, 32))
+    mem = InProcessMemory(32)
+    entries = []
+    for i in range(600):
+        dom = i % 12
+        v = centres[dom] + rng.normal(size=32) * 1.2
+        entries.append(MemoryEntry(f"e{i}", f"d{dom}", f"c{dom}-{i % 5}", _vec(*v), 0.0, "v"))
+    mem.add(entries)
+    cfg = RetrievalConfig(candidates=4, min_similarity=0.25)
+    predictor = Predictor(tiny_encoder, mem, CompensationConfig(), retrieval=cfg)
+    keys = np.stack([_vec(*(centres[i % 12] + rng.normal(size=32) * 2.5)) for i in range(64)])
+    keys[:8] = np.stack([_vec(*rng.normal(size=32)) for _ in range(8)])  # some fall back
+    routed = predictor.route_batch(keys)
+    expected = [_route_reference(mem, cfg, k) for k in keys]
+    assert [d for d, _ in routed] == [d for d, _ in expected]
+    np.testing.assert_allclose([s for _, s in routed], [s for _, s in expected], rtol=1e-5, atol=1e-6)
+    assert any(d == "default" for d, _ in routed) and len({d for d, _ in routed}) > 5
+    # the refinement moved some requests away from their nearest domain key
+    names, cents = mem.domain_centroids()
+    nearest = [names[int(np.argmax(cents @ k))] for k in keys]
+    assert any(d != n and d != "default" for (d, _), n in zip(routed, nearest, strict=True))
+    assert predictor.route_batch(keys[:0]) == []
+
+
 def test_canary_serves_its_weight_and_keeps_the_stable_answer(tmp_path, predictor, tiny_encoder):
     stable = _artifact(tmp_path, tiny_encoder, "v1")
     candidate = _artifact(tmp_path, tiny_encoder, "v2", parent=stable)
