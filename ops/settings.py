@@ -76,8 +76,9 @@ class Settings(BaseSettings):
     adapter_cache_size: int = Field(16, ge=1, description="LoRA adapters kept loaded per replica (LRU)")
     adapter_pinned_domains: str = Field("", description="comma-separated domains never evicted")
     memory_index: Literal["exact", "ann", "ivf"] = Field(
-        "exact",
-        description="error-memory search: exact, an HNSW index for domains of 20k+ entries, or an "
+        "ann",
+        description="error-memory search: exact, exact below 20k entries per domain and an HNSW index "
+        "from there (ann, the default), or an "
         "inverted file whose pool is narrowed by SimHash and re-ranked exactly (ivf: bounded cost per "
         "lookup at any size)",
     )

@@ -23,7 +23,7 @@ class ServingConfig:
     batch_wait_timeout_s: float = 0.005
     adapter_cache_size: int = 16
     adapter_pinned_domains: tuple[str, ...] = ()
-    memory_index: str = "exact"  # exact | ann | ivf
+    memory_index: str = "ann"  # exact | ann (exact below 20k entries per domain, HNSW above) | ivf
     runtime: str = "torch"  # torch | onnx (the adapter-free key path; adapters always run on torch)
     onnx_cache_dir: Path | None = None
     admin_token: str | None = None  # bearer token of the /admin endpoints; None disables them

@@ -33,7 +33,7 @@ class ReplicaSync:
         redis_cfg: RedisConfig,
         artifacts_dir: Path,
         interval_s: float,
-        memory_kind: str = "exact",
+        memory_kind: str = "ann",
         replica_id: str = "",
     ) -> None:
         self.predictor = predictor
