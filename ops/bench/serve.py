@@ -7,7 +7,11 @@ deployment of the same model in the same Ray cluster and run.
   entries and adapter retrieval on (requests name no domain).
 
 Closed-loop load at increasing concurrency; for each system the best throughput whose p99 stays within
-``p99_budget_ms`` is its capacity, and the report gives capacity(driftserve) / capacity(naive).
+``p99_budget_ms`` is its capacity, and the report gives capacity(driftserve) / capacity(naive). For
+every driftserve level the report also says where a batch's time went, from the replica's own stage
+histograms read before and after the level: the model's forward for the memory keys (encode), routing
+(retrieval) and memory search + online experts + compensation (compensation, per domain group). Under
+load these include waiting for the shared cores.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 from ops.settings import Settings
 
 NAIVE_ROUTE = "/naive"
+STAGES = ("encode", "retrieval", "compensation")
 
 
 def naive_app(model_path: str | None, num_replicas: int, num_cpus: float):
@@ -113,6 +118,43 @@ def load(url: str, texts: list[str], concurrency: int, duration_s: float) -> dic
     }
 
 
+def stage_totals(metrics_text: str) -> dict[str, float]:
+    """Cumulative seconds and counts per serving stage, and batches and texts, from Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name not in ("driftserve_stage_latency_seconds", "driftserve_batch_size"):
+            continue
+        for sample in family.samples:
+            kind = sample.name.rsplit("_", 1)[-1]
+            if kind not in ("sum", "count"):
+                continue
+            if family.name == "driftserve_batch_size":
+                key = "texts" if kind == "sum" else "batches"
+            else:
+                key = f"{sample.labels['stage']}_{'s' if kind == 'sum' else 'n'}"
+            out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+def stage_report(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """Per batch served between two ``stage_totals``: mean size, ms per stage, domain groups, and routing +
+    compensation as a share of the encode stage."""
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    batches = delta.get("batches", 0.0)
+    if batches <= 0:
+        return {"batches": 0}
+    report: dict[str, Any] = {"batches": int(batches), "mean_batch": delta.get("texts", 0.0) / batches}
+    for stage in STAGES:
+        report[f"{stage}_ms_per_batch"] = 1000 * delta.get(f"{stage}_s", 0.0) / batches
+    report["groups_per_batch"] = delta.get("compensation_n", 0.0) / batches
+    encode = delta.get("encode_s", 0.0)
+    extra = delta.get("retrieval_s", 0.0) + delta.get("compensation_s", 0.0)
+    report["retrieval_compensation_share_of_encode"] = extra / encode if encode > 0 else None
+    return report
+
+
 def capacity(levels: list[dict[str, Any]], budget_ms: float) -> float:
     ok = [lv["throughput_rps"] for lv in levels if lv["p99_ms"] <= budget_ms and lv["errors"] == 0]
     return max(ok) if ok else 0.0
@@ -168,6 +210,10 @@ def seed_memory(base_url: str, settings: Settings, entries: int, domains: int = 
     raise TimeoutError("the memory writer did not apply the seed entries in time")
 
 
+def _stages(base_url: str) -> dict[str, float]:
+    return stage_totals(httpx.get(f"{base_url}/metrics", timeout=30).text)
+
+
 def run(
     settings: Settings,
     out: Path,
@@ -198,7 +244,13 @@ def run(
         texts = _texts(500, seed=9)
         for name, url in (("naive", f"{stack.url}{NAIVE_ROUTE}"), ("driftserve", f"{stack.url}/v1/predict")):
             load(url, texts, 2, 3.0)  # warm-up
-            result[name] = [load(url, texts, c, duration_s) for c in levels]
+            result[name] = []
+            for c in levels:
+                before = _stages(stack.url) if name == "driftserve" else None
+                level = load(url, texts, c, duration_s)
+                if before is not None:
+                    level["stages"] = stage_report(before, _stages(stack.url))
+                result[name].append(level)
         result["capacity_rps"] = {n: capacity(result[n], p99_budget_ms) for n in ("naive", "driftserve")}
         naive_cap = result["capacity_rps"]["naive"]
         result["ratio"] = result["capacity_rps"]["driftserve"] / naive_cap if naive_cap else float("inf")
@@ -229,6 +281,25 @@ def write_outputs(out: Path, result: dict[str, Any]) -> None:
             lines.append(
                 f"| {name} | {lv['concurrency']} | {lv['throughput_rps']:.1f} | {lv['p50_ms']:.1f} | "
                 f"{lv['p99_ms']:.1f} | {lv['errors']} |"
+            )
+    staged = [lv for lv in result["driftserve"] if lv.get("stages", {}).get("batches")]
+    if staged:
+        lines += [
+            "",
+            "where a driftserve batch's time went (replica stage histograms, per batch):",
+            "",
+            "| concurrency | batches | texts per batch | encode ms | retrieval ms | compensation ms | "
+            "domain groups | (retrieval + compensation) / encode |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for lv in staged:
+            st = lv["stages"]
+            share = st["retrieval_compensation_share_of_encode"]
+            lines.append(
+                f"| {lv['concurrency']} | {st['batches']} | {st['mean_batch']:.2f} | "
+                f"{st['encode_ms_per_batch']:.2f} | {st['retrieval_ms_per_batch']:.2f} | "
+                f"{st['compensation_ms_per_batch']:.2f} | {st['groups_per_batch']:.2f} | "
+                + (f"{100 * share:.1f}% |" if share is not None else "- |")
             )
     (out / "serve.md").write_text("\n".join(lines) + "\n")
     import matplotlib

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from ops.bench.serve import capacity, write_outputs
+import pytest
+
+from ops.bench.serve import capacity, stage_report, stage_totals, write_outputs
 
 
 def _level(c: int, rps: float, p99: float, errors: int = 0) -> dict:
@@ -41,3 +43,60 @@ def test_report_states_the_memory_actually_served(tmp_path):
     assert "| driftserve | 4 | 125.0 | 35.0 | 70.0 | 0 |" in md
     assert json.loads((tmp_path / "serve.json").read_text())["memory_entries_served"] == 6000
     assert (tmp_path / "serve.png").stat().st_size > 0
+
+
+def _metrics_text(batches: list[int], encode_s: float, retrieval_s: float, comp: list[float]) -> str:
+    """What a replica's /metrics says after serving ``batches`` (the serving module's metric names)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    registry = CollectorRegistry()
+    size = Histogram("driftserve_batch_size", "texts per model batch", registry=registry)
+    stage = Histogram("driftserve_stage_latency_seconds", "stage", ["stage"], registry=registry)
+    Counter("driftserve_requests", "other metrics are ignored", registry=registry).inc(7)
+    for b in batches:
+        size.observe(b)
+        stage.labels("encode").observe(encode_s)
+        stage.labels("retrieval").observe(retrieval_s)
+    for c in comp:
+        stage.labels("compensation").observe(c)
+    return generate_latest(registry).decode()
+
+
+def test_stage_totals_and_report_give_per_batch_times_between_two_reads():
+    before = stage_totals(_metrics_text([2, 4], 0.010, 0.001, [0.002] * 3))
+    assert before["batches"] == 2 and before["texts"] == 6
+    assert before["encode_s"] == pytest.approx(0.020) and before["compensation_n"] == 3
+    after = stage_totals(_metrics_text([2, 4, 3, 5, 4, 4], 0.010, 0.001, [0.002] * 11))
+    report = stage_report(before, after)
+    assert report["batches"] == 4 and report["mean_batch"] == pytest.approx(4.0)
+    assert report["encode_ms_per_batch"] == pytest.approx(10.0)
+    assert report["retrieval_ms_per_batch"] == pytest.approx(1.0)
+    assert report["groups_per_batch"] == pytest.approx(2.0)  # 8 compensation groups over 4 batches
+    assert report["compensation_ms_per_batch"] == pytest.approx(4.0)
+    assert report["retrieval_compensation_share_of_encode"] == pytest.approx(0.5)
+    assert stage_report(after, after) == {"batches": 0}
+
+
+def test_report_says_where_driftserve_batches_spent_their_time(tmp_path):
+    stages = {
+        "batches": 400,
+        "mean_batch": 3.1,
+        "encode_ms_per_batch": 20.5,
+        "retrieval_ms_per_batch": 1.2,
+        "compensation_ms_per_batch": 3.0,
+        "groups_per_batch": 2.1,
+        "retrieval_compensation_share_of_encode": 0.2049,
+    }
+    result = {
+        "levels": [1, 4],
+        "duration_s": 15.0,
+        "p99_budget_ms": 100.0,
+        "memory_entries": 2000,
+        "naive": [_level(1, 50.0, 25.0), _level(4, 60.0, 93.0)],
+        "driftserve": [_level(1, 45.0, 28.0), {**_level(4, 125.0, 70.0), "stages": stages}],
+        "capacity_rps": {"naive": 60.0, "driftserve": 125.0},
+        "ratio": 125.0 / 60.0,
+    }
+    write_outputs(tmp_path, result)
+    md = (tmp_path / "serve.md").read_text()
+    assert "| 4 | 400 | 3.10 | 20.50 | 1.20 | 3.00 | 2.10 | 20.5% |" in md
