@@ -19,13 +19,12 @@ serving path, with 100k error-memory entries, per memory index, in one run.
   runs) and the rest of ``Predictor.predict`` (routing, memory search, the online experts, the head,
   compensation, the served-mix record, building the answers). overhead = p50(rest) / p50(model).
 
-Usage: python -m ops.bench.overhead --out DIR [--entries 100000] [--kinds exact,ann,ivf] [--batches 1,4,16]
-       [--no-adapters]
+Usage: driftserve bench overhead --out DIR [--entries 100000] [--kinds exact,ann,ivf] [--batches 1,4,16]
+       [--no-adapters] (the runtime and model are the settings', e.g. --runtime torch)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -336,32 +335,3 @@ def write_outputs(out: Path, result: dict[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(out / "overhead.png", dpi=120)
     plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("bench-results"))
-    p.add_argument("--entries", type=int, default=100_000)
-    p.add_argument("--domains", type=int, default=4)
-    p.add_argument("--kinds", default="exact,ann,ivf")
-    p.add_argument("--batches", default="1,4,16")
-    p.add_argument("--seconds", type=float, default=8.0, help="per index and batch size")
-    p.add_argument("--runtime", choices=["onnx", "torch"], default="onnx")
-    p.add_argument("--no-adapters", action="store_true", help="measure memory-served domains only")
-    args = p.parse_args(argv)
-    run(
-        args.out,
-        entries=args.entries,
-        domains=args.domains,
-        kinds=tuple(args.kinds.split(",")),
-        batch_sizes=tuple(int(b) for b in args.batches.split(",")),
-        seconds=args.seconds,
-        runtime=args.runtime,
-        adapters=not args.no_adapters,
-    )
-    print((args.out / "overhead.md").read_text())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
