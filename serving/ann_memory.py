@@ -18,14 +18,18 @@ Concurrency: one writer (the sync thread), many readers (request threads). ``_wr
 writers; ``_lock`` (the base class's) guards the bookkeeping and is held only for short snapshots, so a
 search never holds it while scanning; each index has its own lock because usearch's Python binding
 releases the GIL but is not safe for concurrent calls on one index (every call shares thread context 0
-and may ``reserve()``). Writers add to a live index in small chunks, bounding how long a search waits,
-and build a new index (first build, rebuild after many deletions) privately, then swap it in. Rows
-appended but not yet in the index are scanned exactly, so an entry is searchable as soon as ``add``
-has appended it.
+and may ``reserve()``). Writers add to a live index in small chunks, bounding how long a search waits.
+A new index (first build, rebuild after many deletions) is built on its own thread from a snapshot of the
+rows, so the writer goes on applying entries (a build took 1.5 s at 20k entries of dim 384, and takes
+minutes at 1M, during which feedback would otherwise wait); it is swapped in under the write lock, with
+the rows forgotten meanwhile removed from it and the rows appended meanwhile added. Until then the
+domain is scanned exactly (first build) or served by its old graph (rebuild). Rows appended but not yet
+in the index are scanned exactly, so an entry is searchable as soon as ``add`` has appended it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -64,7 +68,10 @@ class AnnMemory(IndexedMemory):
         expansion_add: int = 64,
         expansion_search: int = 64,
         build_threads: int | None = None,
+        background: bool = True,
     ) -> None:
+        """``background``: build (and rebuild) graphs on their own thread, so the writer goes on applying
+        entries meanwhile (a build takes ~1.4 s at 20k entries and minutes at 1M); False builds inline."""
         if dim < 1:
             raise ValueError(f"dim must be positive, got {dim}")
         if exact_below < 1:
@@ -80,6 +87,8 @@ class AnnMemory(IndexedMemory):
         self.build_threads = build_threads or min(4, os.cpu_count() or 1)
         self._ann: dict[str, _Ann] = {}
         self._write_lock = threading.Lock()
+        self.background = background
+        self._building: dict[str, threading.Thread] = {}  # domain -> its build in flight
 
     # -- writes (the sync thread) ----------------------------------------------------------------------
     def add(self, entries: list[MemoryEntry]) -> int:
@@ -121,7 +130,7 @@ class AnnMemory(IndexedMemory):
             size, live = d.size, d.live
         if ann is None:
             if live >= self.exact_below:
-                self._build(domain, d, size)
+                self._start_build(domain, d, size)
             return
         start = ann.indexed
         while start < size:
@@ -136,13 +145,53 @@ class AnnMemory(IndexedMemory):
             start = stop
             time.sleep(0)  # let a search waiting on the index lock go first
 
+    def _start_build(self, domain: str, d: _Domain, size: int) -> None:
+        """Build rows [0, size) privately, then swap in; readers keep scanning exactly (or the old graph
+        serves) meanwhile. Caller holds ``_write_lock``; one build per domain at a time."""
+        if not self.background:
+            self._build(domain, d, size)
+            return
+        if domain in self._building:
+            return
+        thread = threading.Thread(
+            target=self._build, args=(domain, d, size), name=f"ann-build-{domain}", daemon=True
+        )
+        self._building[domain] = thread
+        thread.start()
+
     def _build(self, domain: str, d: _Domain, size: int) -> None:
-        """Build privately (readers keep scanning exactly meanwhile), then swap in."""
-        rows = np.flatnonzero(d.alive[:size])
-        index = self._new_index()
-        index.add(rows.astype(np.uint64), d.keys[rows], threads=self.build_threads)
-        with self._lock:
-            self._ann[domain] = _Ann(index, indexed=size, members=int(rows.size))
+        try:
+            # Rows below ``size`` never change; ``alive`` is re-read at the swap for deletions made since.
+            rows = np.flatnonzero(d.alive[:size])
+            index = self._new_index()
+            index.add(rows.astype(np.uint64), d.keys[rows], threads=self.build_threads)
+            lock = self._write_lock if self.background else contextlib.nullcontext()
+            with lock:  # no writer runs during the swap
+                with self._lock:
+                    current, live = self._domains.get(domain), d.live
+                    dead = rows[~d.alive[rows]]
+                if current is not d or live < self.exact_below // 2:
+                    return  # emptied or small again while building: the domain stays exact
+                if dead.size:
+                    index.remove(dead.astype(np.uint64))  # forgotten while building
+                with self._lock:
+                    self._ann[domain] = _Ann(
+                        index, indexed=size, members=int(rows.size), removed=int(dead.size)
+                    )
+                self._sync_index(domain)  # rows appended while building: into the graph now
+        finally:
+            self._building.pop(domain, None)
+
+    def wait_indexed(self, timeout: float | None = None) -> bool:
+        """Wait for the graph builds in flight; False if one is still running after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._building:
+            for thread in list(self._building.values()):
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                thread.join(left)
+                if thread.is_alive():
+                    return False
+        return True
 
     def _unindex(self, domain: str, rows: Iterable[int]) -> None:
         with self._lock:
@@ -160,7 +209,7 @@ class AnnMemory(IndexedMemory):
             with self._lock:  # small again: exact search, and the graph's memory is returned
                 self._ann.pop(domain, None)
         elif ann.removed > ann.members // 2:
-            self._build(domain, d, size)  # tombstones slow the graph walk and crowd out live rows
+            self._start_build(domain, d, size)  # tombstones slow the graph walk and crowd out live rows
 
     # -- reads (request threads) -----------------------------------------------------------------------
 

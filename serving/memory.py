@@ -327,6 +327,10 @@ class InProcessMemory:
         with self._lock:
             return sum(d.live for d in self._domains.values())
 
+    def wait_indexed(self, timeout: float | None = None) -> bool:
+        """Wait for index work running in the background (none here: every kind answers meanwhile)."""
+        return True
+
 
 class IndexedMemory(InProcessMemory):
     """Base of the approximate kinds: they answer each query from their own index (``_search``, one

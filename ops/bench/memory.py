@@ -276,6 +276,7 @@ def run(
             mem = make_memory(kind, DIM)
             t = time.perf_counter()
             mem.add(entries)
+            mem.wait_indexed()  # a graph builds in the background: the build is part of the cost
             build_s = time.perf_counter() - t
             nq = n_exact if kind == "exact" else queries
             lookup, overhead, found = _measure(mem, qs[:nq], probs[:nq], cfg)

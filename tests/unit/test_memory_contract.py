@@ -25,8 +25,8 @@ KINDS = ["exact", "ann", "ann-indexed", "ivf", "ivf-indexed"]
 
 
 def _memory(kind: str, dim: int, exact_below: int | None = None) -> InProcessMemory:
-    if kind == "ann-indexed":
-        return AnnMemory(dim, exact_below=exact_below or 1)
+    if kind == "ann-indexed":  # graphs built inline: every search after the first add takes the graph path
+        return AnnMemory(dim, exact_below=exact_below or 1, background=False)
     if kind == "ann" and exact_below is not None:
         return AnnMemory(dim, exact_below=exact_below)
     if kind == "ivf-indexed":
@@ -259,6 +259,7 @@ def test_one_writer_and_concurrent_readers(kind):
     for t in threads:
         t.join(timeout=60)
     assert not errors, errors
+    assert mem.wait_indexed(timeout=60)
     assert len(mem) == 2500 - len(deleted)
     assert not any(mem.contains(e) for e in deleted) and mem.contains("e1")
     for i in range(1, 2500, 97):
@@ -280,6 +281,7 @@ def test_ann_recall_at_10_against_exact_on_50k_clustered_vectors():
     exact, ann = make_memory("exact", dim), make_memory("ann", dim)
     exact.add(entries)
     ann.add(entries)
+    assert ann.wait_indexed(timeout=300)
     assert ann.indexed_domains() == ["d"]  # 50k > the 20k exact threshold: the HNSW path answers
     queries = clustered(200, dim, seed=6, clusters=200)
     hits = 0
@@ -296,9 +298,14 @@ def test_ann_rebuilds_after_many_deletions_and_returns_to_exact_when_small():
     data = clustered(1200, 8, seed=8)
     mem = AnnMemory(8, exact_below=400)
     mem.add([MemoryEntry(f"e{i}", "d", f"e{i}", v, 0.0, "v") for i, v in enumerate(data)])
-    assert mem.indexed_domains() == ["d"]
-    mem.remove([f"e{i}" for i in range(0, 1200, 2)])  # half the index becomes tombstones -> rebuilt
-    assert mem.indexed_domains() == ["d"] and len(mem) == 600
+    assert mem.wait_indexed(timeout=60) and mem.indexed_domains() == ["d"]
+    first = mem._ann["d"].index
+    mem.remove([f"e{i}" for i in range(0, 1200, 2)])  # half the graph is tombstones: not yet rebuilt
+    assert mem._ann["d"].index is first and mem._ann["d"].removed == 600
+    mem.remove(["e1"])  # more than half: rebuilt (in the background) without them
+    assert mem.wait_indexed(timeout=60)
+    assert mem.indexed_domains() == ["d"] and len(mem) == 599
+    assert mem._ann["d"].index is not first and mem._ann["d"].members == 599  # tombstones dropped
     for _ in range(10):
         q = data[rng.integers(0, 1200)]
         labels = mem.search("d", q, k=8)[1]
@@ -306,6 +313,66 @@ def test_ann_rebuilds_after_many_deletions_and_returns_to_exact_when_small():
     mem.remove([f"e{i}" for i in range(1, 1000, 2)])  # 100 left, under half the threshold
     assert mem.indexed_domains() == [] and len(mem) == 100
     assert len(mem.search("d", data[1199], k=500)[1]) == 100
+
+
+class _GatedIndex:
+    """A usearch index whose first ``add`` (the build) waits for ``gate``; everything else passes through."""
+
+    def __init__(self, index, gate: threading.Event) -> None:
+        self._index, self._gate, self._first = index, gate, True
+
+    def add(self, *args, **kwargs):
+        if self._first:
+            self._first = False
+            assert self._gate.wait(60)
+        return self._index.add(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._index, name)
+
+
+class _GatedAnn(AnnMemory):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+
+    def _new_index(self):
+        return _GatedIndex(super()._new_index(), self.gate)
+
+
+def test_ann_builds_in_the_background_while_the_writer_goes_on_and_misses_nothing():
+    """A graph build takes seconds at 20k entries and minutes at 1M: the writer must not wait for it
+    (feedback-to-fix), searches stay exact until the swap, and entries added or forgotten meanwhile are
+    in (or out of) the graph once it is swapped in."""
+    data = clustered(900, 8, seed=9)
+    mem = _GatedAnn(8, exact_below=300)
+
+    def entries(lo: int, hi: int) -> list[MemoryEntry]:
+        return [MemoryEntry(f"e{i}", "d", f"e{i}", data[i], 0.0, "v") for i in range(lo, hi)]
+
+    writer = threading.Thread(target=mem.add, args=(entries(0, 300),))  # crosses the threshold
+    writer.start()
+    writer.join(timeout=30)
+    assert not writer.is_alive()  # returned while its build is still held at the gate
+    assert mem.indexed_domains() == [] and not mem.wait_indexed(timeout=0.05)
+    assert mem.add(entries(300, 600)) == 300
+    forgotten = [f"e{i}" for i in range(0, 300, 3)] + ["e301", "e302"]
+    assert mem.remove(forgotten) == len(forgotten)
+    sims, labels = mem.search("d", data[450], k=5)  # exact meanwhile, later rows included
+    assert labels[0] == "e450" and sims[0] == pytest.approx(1.0, abs=1e-5)
+
+    mem.gate.set()
+    assert mem.wait_indexed(timeout=60) and mem.indexed_domains() == ["d"]
+    ann = mem._ann["d"]
+    # the build's 300 rows, then the 298 rows added meanwhile and still alive, caught up at the swap
+    assert ann.indexed == 600 and ann.members == 598
+    assert ann.removed == 100  # built rows forgotten while building: taken out of the graph at the swap
+    for i in range(1, 600, 7):
+        sims, labels = mem.search("d", data[i], k=8)
+        assert not set(forgotten) & set(labels)
+        if f"e{i}" not in forgotten:
+            assert labels[0] == f"e{i}"
+    assert len(mem) == 600 - len(forgotten)
 
 
 def test_ann_constructor_checks_its_arguments():
