@@ -89,6 +89,9 @@ class AnnMemory(IndexedMemory):
         self._write_lock = threading.Lock()
         self.background = background
         self._building: dict[str, threading.Thread] = {}  # domain -> its build in flight
+        # One build at a time: a restart that re-reads many large domains must not hold a copy of every
+        # domain's keys and run every build at once.
+        self._build_slot = threading.Lock()
 
     # -- writes (the sync thread) ----------------------------------------------------------------------
     def add(self, entries: list[MemoryEntry]) -> int:
@@ -162,9 +165,10 @@ class AnnMemory(IndexedMemory):
     def _build(self, domain: str, d: _Domain, size: int) -> None:
         try:
             # Rows below ``size`` never change; ``alive`` is re-read at the swap for deletions made since.
-            rows = np.flatnonzero(d.alive[:size])
-            index = self._new_index()
-            index.add(rows.astype(np.uint64), d.keys[rows], threads=self.build_threads)
+            with self._build_slot if self.background else contextlib.nullcontext():
+                rows = np.flatnonzero(d.alive[:size])
+                index = self._new_index()
+                index.add(rows.astype(np.uint64), d.keys[rows], threads=self.build_threads)
             lock = self._write_lock if self.background else contextlib.nullcontext()
             with lock:  # no writer runs during the swap
                 with self._lock:

@@ -335,8 +335,10 @@ class _GatedAnn(AnnMemory):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.gate = threading.Event()
+        self.started: list[str] = []  # builds that got the build slot, in order
 
     def _new_index(self):
+        self.started.append(threading.current_thread().name)
         return _GatedIndex(super()._new_index(), self.gate)
 
 
@@ -373,6 +375,19 @@ def test_ann_builds_in_the_background_while_the_writer_goes_on_and_misses_nothin
         if f"e{i}" not in forgotten:
             assert labels[0] == f"e{i}"
     assert len(mem) == 600 - len(forgotten)
+
+
+def test_ann_builds_one_graph_at_a_time():
+    """A restart re-reads every domain: their builds queue instead of each holding a copy of its keys."""
+    data = clustered(400, 8, seed=10)
+    mem = _GatedAnn(8, exact_below=150)
+    for domain, lo in (("a", 0), ("b", 200)):
+        mem.add([MemoryEntry(f"{domain}{i}", domain, "x", data[i], 0.0, "v") for i in range(lo, lo + 200)])
+    assert not mem.wait_indexed(timeout=0.3)
+    assert mem.started == ["ann-build-a"] and mem.indexed_domains() == []  # "b" waits for the slot
+    mem.gate.set()
+    assert mem.wait_indexed(timeout=60)
+    assert mem.started == ["ann-build-a", "ann-build-b"] and mem.indexed_domains() == ["a", "b"]
 
 
 def test_ann_constructor_checks_its_arguments():
