@@ -77,10 +77,9 @@ class Settings(BaseSettings):
     adapter_pinned_domains: str = Field("", description="comma-separated domains never evicted")
     memory_index: Literal["exact", "ann", "ivf"] = Field(
         "ann",
-        description="error-memory search: exact, exact below 20k entries per domain and an HNSW index "
-        "from there (ann, the default), or an "
-        "inverted file whose pool is narrowed by SimHash and re-ranked exactly (ivf: bounded cost per "
-        "lookup at any size)",
+        description="error-memory search: ann (exact below 20k entries per domain, an HNSW index built "
+        "in the background from there), exact (always a full scan) or ivf (an inverted file whose pool is "
+        "narrowed by SimHash and re-ranked exactly: bounded cost per lookup at any size)",
     )
     runtime: Literal["torch", "onnx"] = Field(
         "onnx",

@@ -29,7 +29,6 @@ in the index are scanned exactly, so an entry is searchable as soon as ``add`` h
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -71,7 +70,7 @@ class AnnMemory(IndexedMemory):
         background: bool = True,
     ) -> None:
         """``background``: build (and rebuild) graphs on their own thread, so the writer goes on applying
-        entries meanwhile (a build takes ~1.4 s at 20k entries and minutes at 1M); False builds inline."""
+        entries meanwhile (a build takes about 1.5 s at 20k entries, minutes at 1M); False: inline."""
         if dim < 1:
             raise ValueError(f"dim must be positive, got {dim}")
         if exact_below < 1:
@@ -152,39 +151,44 @@ class AnnMemory(IndexedMemory):
         """Build rows [0, size) privately, then swap in; readers keep scanning exactly (or the old graph
         serves) meanwhile. Caller holds ``_write_lock``; one build per domain at a time."""
         if not self.background:
-            self._build(domain, d, size)
+            self._swap(domain, d, size, *self._build(d, size))
             return
-        if domain in self._building:
-            return
-        thread = threading.Thread(
-            target=self._build, args=(domain, d, size), name=f"ann-build-{domain}", daemon=True
-        )
-        self._building[domain] = thread
-        thread.start()
+        if domain not in self._building:
+            self._building[domain] = thread = threading.Thread(
+                target=self._build_in_background, args=(domain, d, size), name=f"ann-build-{domain}"
+            )
+            thread.daemon = True
+            thread.start()
 
-    def _build(self, domain: str, d: _Domain, size: int) -> None:
+    def _build_in_background(self, domain: str, d: _Domain, size: int) -> None:
         try:
-            # Rows below ``size`` never change; ``alive`` is re-read at the swap for deletions made since.
-            with self._build_slot if self.background else contextlib.nullcontext():
-                rows = np.flatnonzero(d.alive[:size])
-                index = self._new_index()
-                index.add(rows.astype(np.uint64), d.keys[rows], threads=self.build_threads)
-            lock = self._write_lock if self.background else contextlib.nullcontext()
-            with lock:  # no writer runs during the swap
-                with self._lock:
-                    current, live = self._domains.get(domain), d.live
-                    dead = rows[~d.alive[rows]]
-                if current is not d or live < self.exact_below // 2:
-                    return  # emptied or small again while building: the domain stays exact
-                if dead.size:
-                    index.remove(dead.astype(np.uint64))  # forgotten while building
-                with self._lock:
-                    self._ann[domain] = _Ann(
-                        index, indexed=size, members=int(rows.size), removed=int(dead.size)
-                    )
-                self._sync_index(domain)  # rows appended while building: into the graph now
+            with self._build_slot:
+                built = self._build(d, size)
+            with self._write_lock:  # no writer runs during the swap
+                self._swap(domain, d, size, *built)
         finally:
             self._building.pop(domain, None)
+
+    def _build(self, d: _Domain, size: int) -> tuple[np.ndarray, Index]:
+        """A graph of the rows alive among [0, size): they never change, only ``alive`` may."""
+        rows = np.flatnonzero(d.alive[:size])
+        index = self._new_index()
+        index.add(rows.astype(np.uint64), d.keys[rows], threads=self.build_threads)
+        return rows, index
+
+    def _swap(self, domain: str, d: _Domain, size: int, rows: np.ndarray, index: Index) -> None:
+        """Publish a graph of ``rows``: without those forgotten since it was built, with the rows appended
+        since added. Caller holds ``_write_lock``."""
+        with self._lock:
+            current, live = self._domains.get(domain), d.live
+            dead = rows[~d.alive[rows]]
+        if current is not d or live < self.exact_below // 2:
+            return  # emptied or small again while building: the domain stays exact
+        if dead.size:
+            index.remove(dead.astype(np.uint64))
+        with self._lock:
+            self._ann[domain] = _Ann(index, indexed=size, members=int(rows.size), removed=int(dead.size))
+        self._sync_index(domain)
 
     def wait_indexed(self, timeout: float | None = None) -> bool:
         """Wait for the graph builds in flight; False if one is still running after ``timeout``."""

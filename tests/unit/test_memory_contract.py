@@ -12,6 +12,7 @@ Hamming pre-ranking, exact re-ranking, tombstones, rows not yet merged) runs on 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -381,8 +382,11 @@ def test_ann_builds_one_graph_at_a_time():
     """A restart re-reads every domain: their builds queue instead of each holding a copy of its keys."""
     data = clustered(400, 8, seed=10)
     mem = _GatedAnn(8, exact_below=150)
-    for domain, lo in (("a", 0), ("b", 200)):
-        mem.add([MemoryEntry(f"{domain}{i}", domain, "x", data[i], 0.0, "v") for i in range(lo, lo + 200)])
+    mem.add([MemoryEntry(f"a{i}", "a", "x", data[i], 0.0, "v") for i in range(200)])
+    deadline = time.monotonic() + 30
+    while mem.started != ["ann-build-a"] and time.monotonic() < deadline:
+        time.sleep(0.01)  # "a" holds the build slot (and waits at the gate)
+    mem.add([MemoryEntry(f"b{i}", "b", "x", data[i], 0.0, "v") for i in range(200, 400)])
     assert not mem.wait_indexed(timeout=0.3)
     assert mem.started == ["ann-build-a"] and mem.indexed_domains() == []  # "b" waits for the slot
     mem.gate.set()
