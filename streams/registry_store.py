@@ -232,6 +232,7 @@ class RegistryStore:
         self, domain: str, version: str, *, actor: str, reason: str, metrics: dict[str, float]
     ) -> RolloutEvent:
         def change(tx: _Tx) -> RolloutEvent:
+            tx.require_candidate(version, "rejected")
             tx.set_state(version, "rejected", reason, metrics)
             return tx.event("rejected", version, actor, reason, metrics)
 
@@ -240,6 +241,7 @@ class RegistryStore:
     def supersede(self, domain: str, version: str, *, by: str, actor: str) -> RolloutEvent:
         def change(tx: _Tx) -> RolloutEvent:
             reason = f"superseded by {by} before its rollout started"
+            tx.require_candidate(version, "superseded")
             tx.set_state(version, "superseded", reason)
             return tx.event("superseded", version, actor, reason, {})
 
@@ -341,17 +343,38 @@ class RegistryStore:
                 raise RegistryConflict(f"{domain}/{version} is not registered")
             if record.state not in allow:
                 raise RegistryConflict(f"{domain}/{version} is {record.state}; it cannot be promoted")
-            previous = tx.active()
-            if previous is not None and previous != version and tx.record(previous) is not None:
-                tx.set_state(previous, "retired", f"replaced by {version}")
-            current = tx.rollout()
-            if current is not None:
-                if current.version != version:
-                    tx.set_state(current.version, "superseded", f"{version} promoted over it")
-                tx.ops.append(lambda p: p.hdel(self.rollout_key, domain))
-            tx.ops.append(lambda p: p.hset(self.active_key, domain, version))
-            tx.set_state(version, "promoted", reason, metrics)
-            return tx.event("promoted", version, actor, reason, metrics or {}, previous)
+            return tx.activate(version, actor, reason, metrics)
+
+        return self._transact(domain, change)
+
+    def install(
+        self,
+        domain: str,
+        version: str,
+        *,
+        parent: str | None,
+        actor: str,
+        reason: str,
+        metrics: dict[str, float] | None = None,
+    ) -> RolloutEvent:
+        """Register ``version`` and make it what the domain serves, in one transaction: an operator's
+        starting version or a restore. It is never a waiting candidate, so the rollout controller cannot
+        gate it (and reject it for lacking an evaluation) between its registration and its promotion."""
+
+        def change(tx: _Tx) -> RolloutEvent:
+            if tx.record(version) is not None:
+                raise RegistryConflict(f"{domain}/{version} is already registered")
+            tx.put(
+                VersionRecord(
+                    domain=domain,
+                    version=version,
+                    state="promoted",
+                    parent=parent,
+                    metrics=metrics or {},
+                    reason=reason,
+                )
+            )
+            return tx.activate(version, actor, reason, metrics)
 
         return self._transact(domain, change)
 
@@ -480,6 +503,36 @@ class _Tx:
             self.ops.append(lambda p: p.sadd(self.store.candidates_key, key))
         else:
             self.ops.append(lambda p: p.srem(self.store.candidates_key, key))
+
+    def require_candidate(self, version: str, to: str) -> None:
+        """Decisions taken on a waiting candidate (reject, supersede) apply only while it still waits: the
+        controller reads the candidates, then verifies and gates them, and an operator or another
+        transition may have moved the version meanwhile (a promoted version must never turn rejected)."""
+        record = self.record(version)
+        if record is None:
+            raise RegistryConflict(f"{self.domain}/{version} is not registered")
+        if record.state != "candidate":
+            raise RegistryConflict(
+                f"{self.domain}/{version} is {record.state}, no longer a candidate; not marked {to}"
+            )
+
+    def activate(
+        self, version: str, actor: str, reason: str, metrics: dict[str, float] | None
+    ) -> RolloutEvent:
+        """Make ``version`` the domain's active version: the one it replaces retires and a rollout of
+        another version is superseded."""
+        domain, store = self.domain, self.store
+        previous = self.active()
+        if previous is not None and previous != version and self.record(previous) is not None:
+            self.set_state(previous, "retired", f"replaced by {version}")
+        current = self.rollout()
+        if current is not None:
+            if current.version != version:
+                self.set_state(current.version, "superseded", f"{version} promoted over it")
+            self.ops.append(lambda p: p.hdel(store.rollout_key, domain))
+        self.ops.append(lambda p: p.hset(store.active_key, domain, version))
+        self.set_state(version, "promoted", reason, metrics)
+        return self.event("promoted", version, actor, reason, metrics or {}, previous)
 
     def put_rollout(self, state: RolloutState) -> None:
         payload = state.model_dump_json()

@@ -36,6 +36,7 @@ from serving.artifacts import HEAD_FILE, MANIFEST, load_artifact, sha256_file
 from serving.encoder import Encoder
 from serving.predictor import pick
 from streams.redis_store import MemoryEntry
+from streams.registry_store import RegistryConflict
 from streams.schemas import ArtifactManifest
 from tests.conftest import wait_for
 from tests.integration.conftest import (
@@ -187,10 +188,10 @@ class Placer:
         )
 
     def bootstrap(self, domain: str, trained: TrainedAdapter) -> str:
-        """A promoted starting version, as an operator would set one."""
+        """A promoted starting version, as an operator would set one (never a waiting candidate, which the
+        running controller would gate, and reject for want of an evaluation)."""
         version = self.place(domain, trained)
-        self.registry.submit_candidate(domain, version, parent=None, metrics={}, actor="test")
-        self.registry.promote(domain, version, actor="test", reason="bootstrap")
+        self.registry.install(domain, version, parent=None, actor="test", reason="bootstrap")
         return version
 
 
@@ -638,7 +639,7 @@ def test_admin_api_needs_its_token_and_reports_the_registry(stack, registry, can
     assert listing["active"] == {"admin-api": version}
     shown = client.get(f"/admin/registry/admin-api/{version}", headers=AUTH).json()
     assert shown["record"]["state"] == "promoted" and shown["manifest"]["version"] == version
-    assert [e["type"] for e in shown["audit"]] == ["candidate", "promoted"]
+    assert [e["type"] for e in shown["audit"]] == ["promoted"]
     assert client.get("/admin/registry/admin-api/v-nope", headers=AUTH).status_code == 404
     r = client.post("/admin/rollout/admin-api/rollback", json={}, headers=AUTH)
     assert r.status_code == 409 and "no rollout" in r.json()["error"]
@@ -655,3 +656,32 @@ def test_admin_api_needs_its_token_and_reports_the_registry(stack, registry, can
     status = client.get("/admin/rollout", headers=AUTH).json()
     assert len(status["replicas"]) == stack.settings.num_replicas
     assert np.isfinite(status["recent"][-1]["ts"])
+
+
+def test_a_decision_on_a_candidate_that_moved_meanwhile_changes_nothing(stack, registry, candidates):
+    """The controller reads the waiting candidates, then verifies and gates each one. If an operator
+    promotes the version meanwhile, the controller's rejection must not turn the served version rejected
+    (CI once caught exactly that: the registry's active version was a record in state 'rejected')."""
+    from ops.wiring import rollout_controller
+
+    placer = Placer(stack, registry, candidates)
+    domain = "moved-meanwhile"
+    version = placer.place(domain, candidates.good)
+    registry.install(domain, version, parent=None, actor="test", reason="operator promoted it")
+    # What the controller read a moment before: the same version, still waiting, with no evaluation
+    # (which fails the offline gate, so the controller goes on to reject it).
+    stale = registry.get(domain, version).model_copy(update={"state": "candidate", "metrics": {}})
+    controller = rollout_controller(stack.settings)
+    with pytest.raises(RegistryConflict, match="promoted, no longer a candidate"):
+        controller._start(domain, stale)
+    for decide in (
+        lambda: registry.reject(domain, version, actor="test", reason="late", metrics={}),
+        lambda: registry.supersede(domain, version, by="v-newer", actor="test"),
+    ):
+        with pytest.raises(RegistryConflict):
+            decide()
+    assert registry.get(domain, version).state == "promoted"
+    assert registry.active()[domain] == version
+    assert [e.type for e in registry.audit(domain)] == ["promoted"]
+    with pytest.raises(RegistryConflict, match="already registered"):
+        registry.install(domain, version, parent=None, actor="test", reason="twice")
