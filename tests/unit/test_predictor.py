@@ -200,6 +200,9 @@ def test_batched_routing_matches_the_rule_request_by_request(tiny_encoder):
     expected = [_route_reference(mem, cfg, k) for k in keys]
     assert [d for d, _ in routed] == [d for d, _ in expected]
     np.testing.assert_allclose([s for _, s in routed], [s for _, s in expected], rtol=1e-5, atol=1e-6)
+    # A few rows at a time (fewer candidate domains per call) give the same answers.
+    few = [d for i in range(0, len(keys), 2) for d, _ in predictor.route_batch(keys[i : i + 2])]
+    assert few == [d for d, _ in expected]
     assert any(d == "default" for d, _ in routed) and len({d for d, _ in routed}) > 5
     # the refinement moved some requests away from their nearest domain key
     names, cents = mem.domain_centroids()
