@@ -79,7 +79,8 @@ class Settings(BaseSettings):
         "ann",
         description="error-memory search: ann (exact below 20k entries per domain, an HNSW index built "
         "in the background from there), exact (always a full scan) or ivf (an inverted file whose pool is "
-        "narrowed by SimHash and re-ranked exactly: bounded cost per lookup at any size)",
+        "narrowed by SimHash and re-ranked exactly: bounded cost per lookup at any size; its lists are also "
+        "trained in the background)",
     )
     runtime: Literal["torch", "onnx"] = Field(
         "onnx",

@@ -56,6 +56,8 @@ class _Ann:
 class AnnMemory(IndexedMemory):
     """``InProcessMemory`` with an HNSW index per domain of at least ``exact_below`` live entries."""
 
+    build_name = "ann"
+
     def __init__(
         self,
         dim: int,
@@ -77,7 +79,7 @@ class AnnMemory(IndexedMemory):
             raise ValueError(f"exact_below must be at least 1 (1 indexes every domain), got {exact_below}")
         if candidates < 1 or connectivity < 2 or expansion_add < 1 or expansion_search < 1:
             raise ValueError("candidates, expansion_add and expansion_search must be >= 1, connectivity >= 2")
-        super().__init__(dim, device=device)
+        super().__init__(dim, device=device, background=background)
         self.exact_below = exact_below
         self.candidates = candidates
         self.connectivity = connectivity
@@ -85,12 +87,6 @@ class AnnMemory(IndexedMemory):
         self.expansion_search = expansion_search
         self.build_threads = build_threads or min(4, os.cpu_count() or 1)
         self._ann: dict[str, _Ann] = {}
-        self._write_lock = threading.Lock()
-        self.background = background
-        self._building: dict[str, threading.Thread] = {}  # domain -> its build in flight
-        # One build at a time: a restart that re-reads many large domains must not hold a copy of every
-        # domain's keys and run every build at once.
-        self._build_slot = threading.Lock()
 
     # -- writes (the sync thread) ----------------------------------------------------------------------
     def add(self, entries: list[MemoryEntry]) -> int:
@@ -147,28 +143,6 @@ class AnnMemory(IndexedMemory):
             start = stop
             time.sleep(0)  # let a search waiting on the index lock go first
 
-    def _start_build(self, domain: str, d: _Domain, size: int) -> None:
-        """Build rows [0, size) privately, then swap in; readers keep scanning exactly (or the old graph
-        serves) meanwhile. Caller holds ``_write_lock``; one build per domain at a time."""
-        if not self.background:
-            self._swap(domain, d, size, *self._build(d, size))
-            return
-        if domain not in self._building:
-            self._building[domain] = thread = threading.Thread(
-                target=self._build_in_background, args=(domain, d, size), name=f"ann-build-{domain}"
-            )
-            thread.daemon = True
-            thread.start()
-
-    def _build_in_background(self, domain: str, d: _Domain, size: int) -> None:
-        try:
-            with self._build_slot:
-                built = self._build(d, size)
-            with self._write_lock:  # no writer runs during the swap
-                self._swap(domain, d, size, *built)
-        finally:
-            self._building.pop(domain, None)
-
     def _build(self, d: _Domain, size: int) -> tuple[np.ndarray, Index]:
         """A graph of the rows alive among [0, size): they never change, only ``alive`` may."""
         rows = np.flatnonzero(d.alive[:size])
@@ -176,9 +150,10 @@ class AnnMemory(IndexedMemory):
         index.add(rows.astype(np.uint64), d.keys[rows], threads=self.build_threads)
         return rows, index
 
-    def _swap(self, domain: str, d: _Domain, size: int, rows: np.ndarray, index: Index) -> None:
+    def _swap(self, domain: str, d: _Domain, size: int, built: tuple[np.ndarray, Index]) -> None:
         """Publish a graph of ``rows``: without those forgotten since it was built, with the rows appended
         since added. Caller holds ``_write_lock``."""
+        rows, index = built
         with self._lock:
             current, live = self._domains.get(domain), d.live
             dead = rows[~d.alive[rows]]
@@ -189,17 +164,6 @@ class AnnMemory(IndexedMemory):
         with self._lock:
             self._ann[domain] = _Ann(index, indexed=size, members=int(rows.size), removed=int(dead.size))
         self._sync_index(domain)
-
-    def wait_indexed(self, timeout: float | None = None) -> bool:
-        """Wait for the graph builds in flight; False if one is still running after ``timeout``."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._building:
-            for thread in list(self._building.values()):
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                thread.join(left)
-                if thread.is_alive():
-                    return False
-        return True
 
     def _unindex(self, domain: str, rows: Iterable[int]) -> None:
         with self._lock:

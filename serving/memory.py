@@ -10,8 +10,9 @@ file) add an index behind the same interface.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -334,7 +335,69 @@ class InProcessMemory:
 
 class IndexedMemory(InProcessMemory):
     """Base of the approximate kinds: they answer each query from their own index (``_search``, one
-    (sims, labels) pair per query) for the domains in ``indexed_domains()``, exactly below that."""
+    (sims, labels) pair per query) for the domains in ``indexed_domains()``, exactly below that.
+
+    Index builds (a domain's first, and the rebuilds its kind decides on) run on their own thread, one at
+    a time per replica: ``_build`` makes the index from a snapshot of the rows [0, size) (they never
+    change; only ``alive`` may), then ``_swap`` publishes it under the write lock, accounting for the rows
+    forgotten and appended meanwhile. The writer (the sync thread, applying feedback) never waits for a
+    build, and until the swap the domain is answered as before (an exact scan, or the previous index).
+    ``background`` False builds inline, on the writer's thread.
+    """
+
+    build_name = "index"  # build threads are named "<build_name>-build-<domain>"
+
+    def __init__(self, dim: int, *, device: str | None = None, background: bool = True) -> None:
+        super().__init__(dim, device=device)
+        self.background = background
+        self._write_lock = threading.Lock()  # one writer: the sync thread's add/remove, and a swap
+        self._building: dict[str, threading.Thread] = {}  # domain -> its build in flight
+        # One build at a time: a restart that re-reads many large domains must not hold a copy of every
+        # domain's keys and run every build at once.
+        self._build_slot = threading.Lock()
+
+    def _start_build(self, domain: str, d: _Domain, size: int) -> None:
+        """Build the domain's index over rows [0, size) and swap it in. Caller holds ``_write_lock``; a
+        domain whose build is in flight is not built again (the swap catches up with what came since)."""
+        if not self.background:
+            self._swap(domain, d, size, self._build(d, size))
+            return
+        if domain not in self._building:
+            self._building[domain] = thread = threading.Thread(
+                target=self._build_in_background,
+                args=(domain, d, size),
+                name=f"{self.build_name}-build-{domain}",
+                daemon=True,
+            )
+            thread.start()
+
+    def _build_in_background(self, domain: str, d: _Domain, size: int) -> None:
+        try:
+            with self._build_slot:
+                built = self._build(d, size)
+            with self._write_lock:  # no writer runs during the swap
+                self._swap(domain, d, size, built)
+        finally:
+            self._building.pop(domain, None)
+
+    def _build(self, d: _Domain, size: int) -> Any:
+        """A new index of the rows alive among [0, size), built without holding any lock."""
+        raise NotImplementedError
+
+    def _swap(self, domain: str, d: _Domain, size: int, built: Any) -> None:
+        """Publish ``built``; caller holds ``_write_lock``."""
+        raise NotImplementedError
+
+    def wait_indexed(self, timeout: float | None = None) -> bool:
+        """Wait for the index builds in flight; False if one is still running after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._building:
+            for thread in list(self._building.values()):
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                thread.join(left)
+                if thread.is_alive():
+                    return False
+        return True
 
     def search(self, domain: str, query: np.ndarray, k: int) -> tuple[np.ndarray, list[str]]:
         """Top-``k`` cosine similarities (descending) and their labels within ``domain``."""

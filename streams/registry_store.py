@@ -211,9 +211,7 @@ class RegistryStore:
         unlearning: bool = False,
     ) -> RolloutEvent:
         def change(tx: _Tx) -> RolloutEvent:
-            if tx.record(version) is not None:
-                raise RegistryConflict(f"{domain}/{version} is already registered")
-            tx.put(
+            tx.register(
                 VersionRecord(
                     domain=domain,
                     version=version,
@@ -362,9 +360,7 @@ class RegistryStore:
         gate it (and reject it for lacking an evaluation) between its registration and its promotion."""
 
         def change(tx: _Tx) -> RolloutEvent:
-            if tx.record(version) is not None:
-                raise RegistryConflict(f"{domain}/{version} is already registered")
-            tx.put(
+            tx.register(
                 VersionRecord(
                     domain=domain,
                     version=version,
@@ -503,6 +499,12 @@ class _Tx:
             self.ops.append(lambda p: p.sadd(self.store.candidates_key, key))
         else:
             self.ops.append(lambda p: p.srem(self.store.candidates_key, key))
+
+    def register(self, record: VersionRecord) -> None:
+        """Write a version never registered before (a version name is never reused)."""
+        if self.record(record.version) is not None:
+            raise RegistryConflict(f"{self.domain}/{record.version} is already registered")
+        self.put(record)
 
     def require_candidate(self, version: str, to: str) -> None:
         """Decisions taken on a waiting candidate (reject, supersede) apply only while it still waits: the

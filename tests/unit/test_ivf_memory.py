@@ -5,13 +5,16 @@ and the Predictor compensates through it."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
 from serving.compensator import CompensationConfig
 from serving.ivf_memory import IvfMemory, hyperplanes
 from streams.redis_store import Deletion, MemoryEntry
-from tests.unit.test_memory_contract import clustered
+from tests.conftest import wait_for
+from tests.unit.test_memory_contract import clustered, write_while_the_first_build_waits
 
 
 def _entries(data: np.ndarray, start: int = 0, domain: str = "d") -> list[MemoryEntry]:
@@ -45,6 +48,7 @@ def test_a_forgotten_entry_is_never_returned_merged_or_not():
     mem = IvfMemory(16, pool=120, candidates=40, exact_below=100, max_delta=50)
     mem.add(_entries(data[:500]))
     mem.add(_entries(data[500:530], start=500))  # under max_delta: appended, scanned exactly
+    assert mem.wait_indexed(timeout=60)
     assert mem.indexed_domains() == ["d"] and mem._indexes["d"].indexed == 500
     gone = [3, 250, 499, 510, 529]  # merged rows and rows not merged yet
     mem.remove([f"e{i}" for i in gone])
@@ -60,7 +64,8 @@ def test_a_forgotten_entry_is_never_returned_merged_or_not():
 
 def test_merges_put_appended_rows_in_their_lists_without_changing_what_is_found():
     data = clustered(900, 16, seed=22)
-    mem = IvfMemory(16, pool=150, candidates=40, exact_below=200, max_delta=64)
+    # Built inline, so when the lists are retrained does not depend on a build thread's timing.
+    mem = IvfMemory(16, pool=150, candidates=40, exact_below=200, max_delta=64, background=False)
     mem.add(_entries(data[:300]))
     for start in range(300, 900, 20):  # a live stream: merges every 64 appended rows, retrains at 600
         mem.add(_entries(data[start : start + 20], start=start))
@@ -76,8 +81,9 @@ def test_many_deletions_rebuild_without_tombstones_and_small_domains_scan_exactl
     data = clustered(1200, 8, seed=23)
     mem = IvfMemory(8, pool=100, candidates=32, exact_below=400)
     mem.add(_entries(data))
-    assert mem._indexes["d"].members == 1200
+    assert mem.wait_indexed(timeout=60) and mem._indexes["d"].members == 1200
     mem.remove([f"e{i}" for i in range(0, 1200, 2)])  # half are tombstones -> rebuilt
+    assert mem.wait_indexed(timeout=60)
     index = mem._indexes["d"]
     assert index.members == 600 and index.dead == 0
     _check_lists(mem)
@@ -92,8 +98,9 @@ def test_lists_are_retrained_as_the_domain_grows():
     data = clustered(3000, 16, seed=24)
     mem = IvfMemory(16, pool=200, candidates=40, exact_below=100, max_delta=10_000)
     mem.add(_entries(data[:100]))
-    assert mem._indexes["d"].centroids.shape[0] == 10  # sqrt(entries) lists
+    assert mem.wait_indexed(timeout=60) and mem._indexes["d"].centroids.shape[0] == 10  # sqrt(entries)
     mem.add(_entries(data[100:3000], start=100))  # 30x the entries the lists were drawn from
+    assert mem.wait_indexed(timeout=60)
     index = mem._indexes["d"]
     assert index.trained_at == 3000 and index.members == 3000 and index.centroids.shape[0] == 55
     np.testing.assert_allclose(np.linalg.norm(index.centroids, axis=1), 1.0, rtol=1e-5)
@@ -107,6 +114,7 @@ def test_a_lookup_reads_a_bounded_pool():
     data = clustered(4000, 16, seed=30)
     mem = IvfMemory(16, pool=300, candidates=50)
     mem.add(_entries(data))
+    assert mem.wait_indexed(timeout=60)
     index = mem._indexes["d"]
     sizes = np.diff(index.starts)
     seen: list[int] = []
@@ -126,11 +134,16 @@ def test_a_lookup_reads_a_bounded_pool():
 
 
 def test_replicas_reading_the_same_log_agree():
-    """The same log in the same batches (a restart) gives the same index and answers; in other batches
-    the lists may differ, but each finds every stored key first from its own key."""
+    """Built inline, the same log in the same batches (a restart) gives the same index and answers; in
+    other batches the lists may differ, but each finds every stored key first from its own key. (Built in
+    the background, when a build is swapped in also decides which rows it merges: the pools may differ
+    as in other batches, and the re-ranking stays exact.)"""
     data = clustered(800, 16, seed=25)
     np.testing.assert_array_equal(hyperplanes(16), hyperplanes(16))
-    a, b, c = (IvfMemory(16, pool=150, candidates=40, exact_below=100, max_delta=40) for _ in range(3))
+    a, b, c = (
+        IvfMemory(16, pool=150, candidates=40, exact_below=100, max_delta=40, background=False)
+        for _ in range(3)
+    )
     log = [*_entries(data), *(Deletion(f"e{i}") for i in range(0, 800, 9))]
     for start in range(0, len(log), 77):
         a.apply(log[start : start + 77])
@@ -152,7 +165,7 @@ def test_near_duplicates_find_their_source_and_neighbours_at_scale():
     data = clustered(n, dim, seed=27, clusters=200)
     mem = IvfMemory(dim)
     mem.add(_entries(data))
-    assert mem.indexed_domains() == ["d"]
+    assert mem.wait_indexed(timeout=120) and mem.indexed_domains() == ["d"]
     rows = np.random.default_rng(28).choice(n, 100, replace=False)
     queries = _near(data, rows, 0.95, seed=29)
     first, recall = 0, []
@@ -177,12 +190,61 @@ def test_the_predictor_compensates_and_forgets_through_the_index(tiny_encoder):
     (before,) = predictor.predict([text], ["d"])
     assert before.label in {"cats", "finance", "weather"}
     memory.add([MemoryEntry("r9", "d", "geology", predictor.embed([text])[0], 0.0, "v")])
+    assert memory.wait_indexed(timeout=60)
     assert memory.indexed_domains() == ["d"] and memory._indexes["d"].indexed == 4  # merged at once
     (after,) = predictor.predict([text], ["d"])
     assert after.label == "geology" and after.compensated
     memory.apply([Deletion("r9")])
     (forgotten,) = predictor.predict([text], ["d"])
     assert forgotten.label in {"cats", "finance", "weather"}
+
+
+class _GatedIvf(IvfMemory):
+    """Builds wait for ``gate`` before training their lists (inline merges do not train)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.builds: list[str] = []
+
+    def _kmeans(self, *args, **kwargs):
+        self.builds.append(threading.current_thread().name)
+        assert self.gate.wait(60)
+        return super()._kmeans(*args, **kwargs)
+
+
+def test_builds_run_in_the_background_and_the_swap_misses_nothing():
+    """A build takes 40 s at 1M entries: the writer must not wait for it (feedback-to-fix). Meanwhile the
+    domain is scanned exactly (first build) or served and merged into by its current index (a retraining);
+    at the swap, rows forgotten since the snapshot are the new index's tombstones and rows appended since
+    are merged."""
+    data = clustered(1000, 8, seed=40)
+    mem = _GatedIvf(8, pool=120, candidates=40, exact_below=300, max_delta=50)
+    forgotten = write_while_the_first_build_waits(mem, data, lambda: mem.builds == ["ivf-build-d"])
+
+    mem.gate.set()
+    assert mem.wait_indexed(timeout=60) and mem.indexed_domains() == ["d"]
+    index = mem._indexes["d"]
+    # the build's 300 rows, 100 of them forgotten while it ran; the 298 rows appended since, merged
+    assert (index.trained_at, index.indexed, index.members, index.dead) == (300, 600, 598, 100)
+    _check_lists(mem)
+
+    mem.gate.clear()  # the domain doubles: its lists are retrained in the background
+    assert mem.add(_entries(data[600:1000], start=600)) == 400
+    wait_for(lambda: mem.builds == ["ivf-build-d"] * 2, 30, 0.01, "the retraining at the gate")
+    serving = mem._indexes["d"]
+    assert serving.trained_at == 300 and serving.indexed == 1000  # the old lists serve, merged into
+    mem.remove(["e700", "e5"])
+    mem.gate.set()
+    assert mem.wait_indexed(timeout=60)
+    index = mem._indexes["d"]
+    assert index.trained_at == 1000 - 102 and index.members == 898 and index.dead == 2
+    _check_lists(mem)
+    for i in range(1, 1000, 7):
+        labels = mem.search("d", data[i], k=8)[1]
+        assert not {*forgotten, "e700", "e5"} & set(labels)
+        if f"e{i}" not in forgotten:
+            assert labels[0] == f"e{i}"
 
 
 def test_constructor_checks_its_arguments():

@@ -12,7 +12,6 @@ Hamming pre-ranking, exact re-ranking, tombstones, rows not yet merged) runs on 
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from serving.ann_memory import AnnMemory
 from serving.ivf_memory import IvfMemory
 from serving.memory import InProcessMemory, make_memory
 from streams.redis_store import Deletion, MemoryEntry
+from tests.conftest import wait_for
 
 KINDS = ["exact", "ann", "ann-indexed", "ivf", "ivf-indexed"]
 
@@ -30,8 +30,10 @@ def _memory(kind: str, dim: int, exact_below: int | None = None) -> InProcessMem
         return AnnMemory(dim, exact_below=exact_below or 1, background=False)
     if kind == "ann" and exact_below is not None:
         return AnnMemory(dim, exact_below=exact_below)
-    if kind == "ivf-indexed":
-        return IvfMemory(dim, exact_below=exact_below or 1, pool=200, candidates=64, max_delta=7)
+    if kind == "ivf-indexed":  # built inline, as above
+        return IvfMemory(
+            dim, exact_below=exact_below or 1, pool=200, candidates=64, max_delta=7, background=False
+        )
     if kind == "ivf" and exact_below is not None:
         return IvfMemory(dim, exact_below=exact_below)
     return make_memory(kind, dim)
@@ -343,26 +345,35 @@ class _GatedAnn(AnnMemory):
         return _GatedIndex(super()._new_index(), self.gate)
 
 
+def write_while_the_first_build_waits(mem, data: np.ndarray, at_gate) -> list[str]:
+    """A writer crosses the index threshold (300 entries) and must return while the build waits at its
+    gate (``at_gate()`` says it holds the build slot); it then adds 300 more and forgets 102, and
+    searches stay exact meanwhile. Returns the forgotten ids."""
+
+    def entries(lo: int, hi: int) -> list[MemoryEntry]:
+        return [MemoryEntry(f"e{i}", "d", f"e{i}", data[i], 0.0, "v") for i in range(lo, hi)]
+
+    writer = threading.Thread(target=mem.add, args=(entries(0, 300),))
+    writer.start()
+    writer.join(timeout=30)
+    assert not writer.is_alive()  # returned while its build waits at the gate
+    wait_for(at_gate, 30, 0.01, "the build at its gate")
+    assert mem.indexed_domains() == [] and not mem.wait_indexed(timeout=0.05)
+    assert mem.add(entries(300, 600)) == 300  # no second build of the domain while one is in flight
+    forgotten = [f"e{i}" for i in range(0, 300, 3)] + ["e301", "e302"]
+    assert mem.remove(forgotten) == len(forgotten)
+    sims, labels = mem.search("d", data[450], k=5)  # exact meanwhile, later rows included
+    assert labels[0] == "e450" and sims[0] == pytest.approx(1.0, abs=1e-5)
+    return forgotten
+
+
 def test_ann_builds_in_the_background_while_the_writer_goes_on_and_misses_nothing():
     """A graph build takes seconds at 20k entries and minutes at 1M: the writer must not wait for it
     (feedback-to-fix), searches stay exact until the swap, and entries added or forgotten meanwhile are
     in (or out of) the graph once it is swapped in."""
     data = clustered(900, 8, seed=9)
     mem = _GatedAnn(8, exact_below=300)
-
-    def entries(lo: int, hi: int) -> list[MemoryEntry]:
-        return [MemoryEntry(f"e{i}", "d", f"e{i}", data[i], 0.0, "v") for i in range(lo, hi)]
-
-    writer = threading.Thread(target=mem.add, args=(entries(0, 300),))  # crosses the threshold
-    writer.start()
-    writer.join(timeout=30)
-    assert not writer.is_alive()  # returned while its build is still held at the gate
-    assert mem.indexed_domains() == [] and not mem.wait_indexed(timeout=0.05)
-    assert mem.add(entries(300, 600)) == 300
-    forgotten = [f"e{i}" for i in range(0, 300, 3)] + ["e301", "e302"]
-    assert mem.remove(forgotten) == len(forgotten)
-    sims, labels = mem.search("d", data[450], k=5)  # exact meanwhile, later rows included
-    assert labels[0] == "e450" and sims[0] == pytest.approx(1.0, abs=1e-5)
+    forgotten = write_while_the_first_build_waits(mem, data, lambda: mem.started == ["ann-build-d"])
 
     mem.gate.set()
     assert mem.wait_indexed(timeout=60) and mem.indexed_domains() == ["d"]
@@ -371,7 +382,7 @@ def test_ann_builds_in_the_background_while_the_writer_goes_on_and_misses_nothin
     assert ann.indexed == 600 and ann.members == 598
     assert ann.removed == 100  # built rows forgotten while building: taken out of the graph at the swap
     for i in range(1, 600, 7):
-        sims, labels = mem.search("d", data[i], k=8)
+        labels = mem.search("d", data[i], k=8)[1]
         assert not set(forgotten) & set(labels)
         if f"e{i}" not in forgotten:
             assert labels[0] == f"e{i}"
@@ -383,9 +394,7 @@ def test_ann_builds_one_graph_at_a_time():
     data = clustered(400, 8, seed=10)
     mem = _GatedAnn(8, exact_below=150)
     mem.add([MemoryEntry(f"a{i}", "a", "x", data[i], 0.0, "v") for i in range(200)])
-    deadline = time.monotonic() + 30
-    while mem.started != ["ann-build-a"] and time.monotonic() < deadline:
-        time.sleep(0.01)  # "a" holds the build slot (and waits at the gate)
+    wait_for(lambda: mem.started == ["ann-build-a"], 30, 0.01, '"a" holding the build slot at its gate')
     mem.add([MemoryEntry(f"b{i}", "b", "x", data[i], 0.0, "v") for i in range(200, 400)])
     assert not mem.wait_indexed(timeout=0.3)
     assert mem.started == ["ann-build-a"] and mem.indexed_domains() == []  # "b" waits for the slot
