@@ -375,10 +375,14 @@ class IndexedMemory(InProcessMemory):
         try:
             with self._build_slot:
                 built = self._build(d, size)
-            with self._write_lock:  # no writer runs during the swap
-                self._swap(domain, d, size, built)
-        finally:
+        except BaseException:
             self._building.pop(domain, None)
+            raise
+        with self._write_lock:  # no writer runs during the swap
+            # No longer in flight before the swap: what the swap catches up with may call for the next
+            # build (a domain that doubled while this one ran), and it must not be skipped as a duplicate.
+            self._building.pop(domain, None)
+            self._swap(domain, d, size, built)
 
     def _build(self, d: _Domain, size: int) -> Any:
         """A new index of the rows alive among [0, size), built without holding any lock."""
@@ -391,13 +395,24 @@ class IndexedMemory(InProcessMemory):
     def wait_indexed(self, timeout: float | None = None) -> bool:
         """Wait for the index builds in flight; False if one is still running after ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self._building:
-            for thread in list(self._building.values()):
+        while True:
+            threads = list(self._building.values())
+            if not threads:
+                # A build's swap runs under the write lock, after leaving ``_building``.
+                left = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+                if not self._write_lock.acquire(timeout=left):
+                    return False
+                try:
+                    if not self._building:
+                        return True
+                finally:
+                    self._write_lock.release()
+                continue
+            for thread in threads:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 thread.join(left)
                 if thread.is_alive():
                     return False
-        return True
 
     def search(self, domain: str, query: np.ndarray, k: int) -> tuple[np.ndarray, list[str]]:
         """Top-``k`` cosine similarities (descending) and their labels within ``domain``."""

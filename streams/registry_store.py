@@ -211,17 +211,7 @@ class RegistryStore:
         unlearning: bool = False,
     ) -> RolloutEvent:
         def change(tx: _Tx) -> RolloutEvent:
-            tx.register(
-                VersionRecord(
-                    domain=domain,
-                    version=version,
-                    state="candidate",
-                    parent=parent,
-                    metrics=metrics,
-                    unlearning=unlearning,
-                    reason=reason,
-                )
-            )
+            tx.register(version, "candidate", parent, metrics, reason, unlearning=unlearning)
             return tx.event("candidate", version, actor, reason, metrics, parent)
 
         return self._transact(domain, change)
@@ -360,16 +350,7 @@ class RegistryStore:
         gate it (and reject it for lacking an evaluation) between its registration and its promotion."""
 
         def change(tx: _Tx) -> RolloutEvent:
-            tx.register(
-                VersionRecord(
-                    domain=domain,
-                    version=version,
-                    state="promoted",
-                    parent=parent,
-                    metrics=metrics or {},
-                    reason=reason,
-                )
-            )
+            tx.register(version, "promoted", parent, metrics or {}, reason)
             return tx.activate(version, actor, reason, metrics)
 
         return self._transact(domain, change)
@@ -500,11 +481,30 @@ class _Tx:
         else:
             self.ops.append(lambda p: p.srem(self.store.candidates_key, key))
 
-    def register(self, record: VersionRecord) -> None:
+    def register(
+        self,
+        version: str,
+        state: State,
+        parent: str | None,
+        metrics: dict[str, float],
+        reason: str,
+        *,
+        unlearning: bool = False,
+    ) -> None:
         """Write a version never registered before (a version name is never reused)."""
-        if self.record(record.version) is not None:
-            raise RegistryConflict(f"{self.domain}/{record.version} is already registered")
-        self.put(record)
+        if self.record(version) is not None:
+            raise RegistryConflict(f"{self.domain}/{version} is already registered")
+        self.put(
+            VersionRecord(
+                domain=self.domain,
+                version=version,
+                state=state,
+                parent=parent,
+                metrics=metrics,
+                unlearning=unlearning,
+                reason=reason,
+            )
+        )
 
     def require_candidate(self, version: str, to: str) -> None:
         """Decisions taken on a waiting candidate (reject, supersede) apply only while it still waits: the

@@ -247,6 +247,21 @@ def test_builds_run_in_the_background_and_the_swap_misses_nothing():
             assert labels[0] == f"e{i}"
 
 
+def test_a_domain_that_doubled_during_its_build_is_retrained_from_the_swap():
+    """The swap catches up with the rows appended meanwhile; when they double the domain, the next build
+    starts there (not skipped as a duplicate of the build that is just ending)."""
+    data = clustered(700, 8, seed=41)
+    mem = _GatedIvf(8, pool=120, candidates=40, exact_below=300, max_delta=50)
+    mem.add(_entries(data[:300]))
+    wait_for(lambda: mem.builds == ["ivf-build-d"], 30, 0.01, "the first build at the gate")
+    mem.add(_entries(data[300:700], start=300))  # 700 live: more than twice the 300 being built on
+    mem.gate.set()
+    assert mem.wait_indexed(timeout=60)
+    index = mem._indexes["d"]
+    assert mem.builds == ["ivf-build-d"] * 2 and index.trained_at == 700 and index.members == 700
+    _check_lists(mem)
+
+
 def test_constructor_checks_its_arguments():
     with pytest.raises(ValueError, match="pool"):
         IvfMemory(8, pool=0)
