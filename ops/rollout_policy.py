@@ -48,6 +48,10 @@ class RolloutPolicy:
     max_p99_ratio: float = 1.5
     max_nfr: float = 0.05
     epsilon: float = 0.02
+    # The label checks fail an interval only on evidence: one-sided exact tests at this level (the flip
+    # rate against max_nfr; the canary's negative vs positive flips, a paired sign test, for accuracy).
+    # A handful of labels per interval otherwise rolls back a better candidate on one unlucky flip.
+    alpha: float = 0.05
 
     def gate_for(self, domain: str) -> GatePolicy:
         return self.gate_overrides.get(domain, self.gate)
@@ -233,18 +237,58 @@ def analyse(window: Window, policy: RolloutPolicy) -> tuple[bool | None, str, di
         else:
             notes.append(f"p99 {s['p99_ms']:.0f} ms over the bound, as is the stable's {stable:.0f} ms")
     if window.labelled >= policy.min_feedback:
-        if s["nfr"] > policy.max_nfr:
-            failures.append(f"nfr {s['nfr']:.3f} > {policy.max_nfr}")
-        if s["accuracy"] < s["stable_accuracy"] - policy.epsilon:
-            failures.append(
-                f"accuracy {s['accuracy']:.3f} < stable {s['stable_accuracy']:.3f} - {policy.epsilon}"
-            )
+        failures += _label_failures(window, s, policy, notes)
     if failures:
         return False, "; ".join(failures), s
     if window.answers < policy.min_requests:
         return None, f"inconclusive: {window.answers} answers (min {policy.min_requests})", s
-    note = "".join(f"; {n}" for n in notes)
-    return True, f"{window.answers} answers, {window.labelled} labelled: within bounds{note}", s
+    verdict = "within bounds" if not notes else "passed; " + "; ".join(notes)
+    return True, f"{window.answers} answers, {window.labelled} labelled: {verdict}", s
+
+
+def _label_failures(
+    window: Window, s: dict[str, float], policy: RolloutPolicy, notes: list[str]
+) -> list[str]:
+    """NFR and accuracy against the promoted version on the interval's labelled answers. Each fails only
+    if it is over its bound *and* the excess is significant at ``policy.alpha``; one that is over but
+    within noise becomes a note in the verdict's reason."""
+    out = []
+    nf, pf, n = window.negative_flips, window.positive_flips, window.labelled
+    if s["nfr"] > policy.max_nfr:
+        # H0: the candidate's true flip rate is at most max_nfr; p = P(X >= nf), X ~ Bin(n, max_nfr).
+        p = binomial_sf(nf, n, policy.max_nfr)
+        (out if p < policy.alpha else notes).append(
+            f"nfr {s['nfr']:.3f} > {policy.max_nfr} ({nf} of {n} labelled, p={p:.3g}"
+            + ("" if p < policy.alpha else f", not significant at {policy.alpha:g}")
+            + ")"
+        )
+    if s["accuracy"] < s["stable_accuracy"] - policy.epsilon:
+        # Both versions answered the same requests: only the discordant pairs say which is better.
+        # H0: a discordant pair is a negative flip no more often than a positive one (exact sign test).
+        p = binomial_sf(nf, nf + pf, 0.5)
+        (out if p < policy.alpha else notes).append(
+            f"accuracy {s['accuracy']:.3f} < stable {s['stable_accuracy']:.3f} - {policy.epsilon} "
+            f"({nf} negative vs {pf} positive flips, sign test p={p:.3g}"
+            + ("" if p < policy.alpha else f", not significant at {policy.alpha:g}")
+            + ")"
+        )
+    return out
+
+
+def binomial_sf(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), exact (summed in log space, so large n cannot underflow)."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    if p <= 0.0 or p >= 1.0:
+        return float(p >= 1.0)
+    lp, lq, lnf = math.log(p), math.log1p(-p), math.lgamma(n + 1)
+    terms = [
+        lnf - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq for i in range(k, n + 1)
+    ]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
 
 def _p99(values: list[float]) -> float:

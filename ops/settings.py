@@ -160,6 +160,14 @@ class Settings(BaseSettings):
     )
     canary_max_nfr: float = Field(0.05, ge=0, le=1, description="online negative flip rate bound")
     canary_epsilon: float = Field(0.02, ge=0, le=1, description="canary accuracy may trail stable by this")
+    canary_alpha: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="an NFR or accuracy over its bound fails an interval only if significant at this "
+        "level (exact binomial test of the flip rate; sign test of negative vs positive flips); 1: any "
+        "excess fails",
+    )
     admin_token: SecretStr | None = Field(None, description="bearer token of /admin; unset disables it")
 
     log_level: str = "INFO"
@@ -254,6 +262,7 @@ class Settings(BaseSettings):
             max_p99_ratio=self.canary_max_p99_ratio,
             max_nfr=self.canary_max_nfr,
             epsilon=self.canary_epsilon,
+            alpha=self.canary_alpha,
         )
 
     @field_validator("gate_policy_overrides")

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from ops.rollout_policy import GatePolicy, RolloutPolicy, Window, analyse, offline_gate, parse_gate_overrides
+from ops.rollout_policy import (
+    GatePolicy,
+    RolloutPolicy,
+    Window,
+    analyse,
+    binomial_sf,
+    offline_gate,
+    parse_gate_overrides,
+)
 
 GOOD = {
     "holdout_size": 40.0,
@@ -123,8 +131,8 @@ def _window(n: int, *, wrong: int = 0, errors: int = 0, latency: float = 10.0) -
 def test_analysis_verdicts():
     assert analyse(_window(10), POLICY)[0] is True
     assert analyse(_window(3), POLICY)[0] is None  # inconclusive, not a pass
-    verdict, reason, _ = analyse(_window(10, wrong=3), POLICY)
-    assert verdict is False and "nfr" in reason
+    verdict, reason, _ = analyse(_window(10, wrong=4), POLICY)  # 4 flips of 10, bound 0.1: p = 0.013
+    assert verdict is False and "nfr 0.400 > 0.1 (4 of 10 labelled, p=0.0128)" in reason
     verdict, reason, _ = analyse(_window(10, errors=2), POLICY)
     assert verdict is False and "error rate" in reason
     verdict, reason, _ = analyse(_window(10, latency=500.0), POLICY)
@@ -179,3 +187,58 @@ def test_calibration_on_a_handful_of_examples_is_reported_not_measured():
     (calibration,) = [c for c in decision.checks if c.name == "calibration"]
     assert "not measured: 5 examples, min 30" in calibration.detail
     assert _failed({**small, "holdout_size": 30.0}) == {"calibration"}
+
+
+def _paired(negative: int, positive: int, same: int) -> Window:
+    """Labelled canary answers: ``negative`` flips, ``positive`` flips, ``same`` both right."""
+    w = Window()
+    cases = [("x", "a")] * negative + [("a", "x")] * positive + [("a", "a")] * same  # (canary, stable)
+    for i, (new, old) in enumerate(cases):
+        obs = _obs("canary", new, old, str(i))
+        w.add_answer(obs)
+        w.add_label(obs, "a")
+    return w
+
+
+def test_label_checks_fail_an_interval_only_on_significant_evidence():
+    policy = RolloutPolicy(min_requests=5, min_feedback=5, max_nfr=0.05, epsilon=0.02)
+    # The reviews replay's second adapter (better on its holdout and in shadow) was rolled back on these
+    # two intervals: one flip in 23 labels, then 3 negative against 1 positive in 60. Both are noise.
+    for negative, positive, same in [(1, 0, 22), (3, 1, 56)]:
+        verdict, reason, summary = analyse(_paired(negative, positive, same), policy)
+        assert summary["accuracy"] < summary["stable_accuracy"] - policy.epsilon
+        assert verdict is True, reason
+        assert "sign test" in reason and "not significant at 0.05" in reason
+    verdict, reason, _ = analyse(_paired(1, 0, 22), policy)
+    assert "accuracy 0.957 < stable 1.000 - 0.02 (1 negative vs 0 positive flips, sign test p=0.5" in reason
+    # A canary that breaks: every labelled answer flipped, the minimum number of labels is enough.
+    verdict, reason, _ = analyse(_paired(5, 0, 0), policy)
+    assert verdict is False and "nfr 1.000" in reason and "sign test p=0.0312" in reason
+    # Worse by a margin that the paired flips make clear: 12 negative vs 2 positive (p = 0.0065), and
+    # a flip rate of 12/100 against a 5% bound (p = 0.0043).
+    verdict, reason, _ = analyse(_paired(12, 2, 86), policy)
+    assert verdict is False and "accuracy" in reason and "nfr" in reason
+    # Many flips both ways (churn): the accuracy is level, the flip rate alone fails it.
+    verdict, reason, _ = analyse(_paired(12, 12, 76), policy)
+    assert verdict is False and "nfr" in reason and "accuracy" not in reason
+    # alpha 1 keeps the bare bounds: any excess fails.
+    assert analyse(_paired(1, 0, 22), RolloutPolicy(min_requests=5, max_nfr=0.05, alpha=1.0))[0] is False
+
+
+def test_binomial_tail_matches_the_direct_sum():
+    from fractions import Fraction
+    from math import comb
+
+    def direct(k: int, n: int, p: Fraction) -> float:
+        return float(sum(comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1)))
+
+    for k, n, p in [
+        (1, 23, Fraction(1, 20)),
+        (3, 60, Fraction(1, 20)),
+        (4, 4, Fraction(1, 2)),
+        (7, 30, Fraction(1, 5)),
+    ]:
+        assert binomial_sf(k, n, float(p)) == pytest.approx(direct(k, n, p), rel=1e-9)
+    assert binomial_sf(0, 10, 0.3) == 1.0 and binomial_sf(11, 10, 0.3) == 0.0
+    assert binomial_sf(1, 10, 0.0) == 0.0 and binomial_sf(10, 10, 1.0) == 1.0
+    assert binomial_sf(5000, 10000, 0.5) == pytest.approx(0.50399, abs=1e-4)  # no underflow at large n

@@ -270,6 +270,7 @@ float64 and would print 1000000 as 1e+06. Secrets are not here: see driftserve.s
 {{- $_ := set $s "canary_max_p99_ratio" (float64 $c.maxP99Ratio | toString) }}
 {{- $_ := set $s "canary_max_nfr" (float64 $c.maxNfr | toString) }}
 {{- $_ := set $s "canary_epsilon" (float64 $c.epsilon | toString) }}
+{{- $_ := set $s "canary_alpha" (float64 $c.alpha | toString) }}
 {{- else if eq .role "memory-writer" }}
 {{- $_ := set $s "device" "cpu" }}
 {{- else }}
