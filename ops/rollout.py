@@ -305,10 +305,11 @@ class RolloutController:
                 actor=ACTOR,
                 reason=f"canary passed {passes} intervals at weight {state.weight}",
                 metrics=summary,
+                from_rollout=True,
             )
 
     def _rollback(self, domain: str, state: RolloutState, reason: str, summary: dict[str, float]) -> None:
-        self.registry.rollback(domain, actor=ACTOR, reason=reason, metrics=summary)
+        self.registry.rollback(domain, actor=ACTOR, reason=reason, metrics=summary, version=state.version)
         self._drains.append(_Drain(domain, state.version, time.time()))
 
     def check_drains(self) -> None:

@@ -251,8 +251,8 @@ class RegistryStore:
 
         def change(tx: _Tx) -> RolloutEvent:
             current = tx.rollout()
-            if current is not None and current.version != version:
-                raise RegistryConflict(f"{domain} already rolls out {current.version}")
+            if current is not None:
+                tx.require_running(current, version)  # a stage move; a paused rollout stays as it is
             record = tx.record(version)
             if record is None or record.state not in {"candidate", "shadow"}:
                 raise RegistryConflict(f"{domain}/{version} is not a candidate ({record and record.state})")
@@ -288,9 +288,7 @@ class RegistryStore:
         (``audit`` False: an idle domain's inconclusive intervals only move the clock)."""
 
         def change(tx: _Tx) -> RolloutEvent:
-            current = tx.rollout()
-            if current is None or current.version != version:
-                raise RegistryConflict(f"{domain}/{version} is not rolling out")
+            current = tx.require_running(tx.rollout(), version)
             update: dict[str, Any] = {"last_analysis_at": time.time()}
             if passed is True:
                 update["passes"] = current.passes + 1
@@ -321,11 +319,16 @@ class RegistryStore:
         reason: str,
         metrics: dict[str, float] | None = None,
         allow: frozenset[str] = PROMOTABLE,
+        from_rollout: bool = False,
     ) -> RolloutEvent:
         """Make ``version`` what the domain serves: from a rollout, or directly (unlearning, operators).
-        ``allow``: the states it may be promoted from (operators may also revert to earlier versions)."""
+        ``allow``: the states it may be promoted from (operators may also revert to earlier versions).
+        ``from_rollout``: the controller's verdict on the version's running rollout, refused if that
+        rollout ended or was paused since the controller read it."""
 
         def change(tx: _Tx) -> RolloutEvent:
+            if from_rollout:
+                tx.require_running(tx.rollout(), version)
             record = tx.record(version)
             if record is None:
                 raise RegistryConflict(f"{domain}/{version} is not registered")
@@ -356,14 +359,25 @@ class RegistryStore:
         return self._transact(domain, change)
 
     def rollback(
-        self, domain: str, *, actor: str, reason: str, metrics: dict[str, float] | None = None
+        self,
+        domain: str,
+        *,
+        actor: str,
+        reason: str,
+        metrics: dict[str, float] | None = None,
+        version: str | None = None,
     ) -> RolloutEvent:
-        """End the in-flight rollout: all of the domain's traffic goes back to the promoted version."""
+        """End the in-flight rollout: all of the domain's traffic goes back to the promoted version.
+        ``version``: the controller's verdict on that version's rollout, refused if another version rolls
+        out now or the rollout was paused since the controller read it. Without it (an operator, or
+        unlearning) whatever is in flight ends, paused or not."""
 
         def change(tx: _Tx) -> RolloutEvent:
             current = tx.rollout()
             if current is None:
                 raise RegistryConflict(f"{domain} has no rollout in flight")
+            if version is not None:
+                tx.require_running(current, version)
             tx.ops.append(lambda p: p.hdel(self.rollout_key, domain))
             tx.set_state(current.version, "rolled_back", reason, metrics)
             return tx.event("rolled_back", current.version, actor, reason, metrics or {}, tx.active())
@@ -517,6 +531,18 @@ class _Tx:
             raise RegistryConflict(
                 f"{self.domain}/{version} is {record.state}, no longer a candidate; not marked {to}"
             )
+
+    def require_running(self, current: RolloutState | None, version: str) -> RolloutState:
+        """The controller's verdicts (an analysis, a stage move, promotion or rollback after it) are
+        about the rollout it read a moment before; they apply only if that rollout still runs unpaused.
+        An operator's pause landing in between must hold: a paused rollout neither advances nor rolls
+        back on its own."""
+        if current is None or current.version != version:
+            running = "nothing" if current is None else current.version
+            raise RegistryConflict(f"{self.domain}/{version} is not rolling out ({running} is)")
+        if current.paused:
+            raise RegistryConflict(f"{self.domain}/{version} was paused; the controller's verdict waits")
+        return current
 
     def activate(
         self, version: str, actor: str, reason: str, metrics: dict[str, float] | None

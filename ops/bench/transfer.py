@@ -217,12 +217,18 @@ def _serving_metrics(artifact: Artifact) -> dict[str, float]:
 
 
 def run(stream: Path, out: Path, cfg: TransferBench) -> dict[str, Any]:
+    """Scratch (the replay buffer, artifacts the report does not keep) lives in a temporary directory
+    removed at the end, whatever happens; what the report names is under ``out``."""
+    with tempfile.TemporaryDirectory(prefix="bench-transfer-") as scratch:
+        return _run(stream, out, cfg, Path(scratch))
+
+
+def _run(stream: Path, out: Path, cfg: TransferBench, work: Path) -> dict[str, Any]:
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     events = read_stream(stream).events
     hist = events[cfg.start : cfg.start + cfg.history]
     test = events[cfg.start + cfg.history : cfg.start + cfg.history + cfg.evaluate]
-    work = Path(tempfile.mkdtemp(prefix="bench-transfer-"))
     buffers = ReplayBuffers(work / "buffers", capacity=cfg.buffer_capacity)
     buffers.add(
         [FeedbackEvent(event_id=e.id, text=e.text, label=e.label, domain=_domain(e), ts=e.ts) for e in hist]

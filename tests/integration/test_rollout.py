@@ -685,3 +685,46 @@ def test_a_decision_on_a_candidate_that_moved_meanwhile_changes_nothing(stack, r
     assert [e.type for e in registry.audit(domain)] == ["promoted"]
     with pytest.raises(RegistryConflict, match="already registered"):
         registry.install(domain, version, parent=None, actor="test", reason="twice")
+
+
+def test_a_pause_that_lands_while_the_controller_decides_holds(stack, registry, candidates):
+    """The controller reads the rollouts, then judges each one. An operator's pause landing in between
+    must hold: neither the verdict nor the promotion, stage move or rollback that follows it may apply
+    to the paused rollout (a stage move used to write a fresh, unpaused state over it)."""
+    from ops.rollout_policy import Window
+    from ops.wiring import rollout_controller
+
+    placer = Placer(stack, registry, candidates)
+    domain = "paused-meanwhile"
+    placer.bootstrap(domain, candidates.good)
+    version = placer.place(domain, candidates.good_next)
+    good = {"holdout_size": 10.0, "holdout_accuracy": 1.0, "current_accuracy": 1.0, "nfr": 0.0, "ece": 0.0}
+    placer.submit(domain, version, {**good, "current_ece": 0.0})
+    wait_for(lambda: _state(registry, domain, version) in {"shadow", "canary"}, 30, 0.02, "the rollout")
+    registry.set_paused(domain, True, actor="test", reason="hold it")
+    held = registry.rollouts()[domain]
+    # What the controller read a moment before the pause, and an interval of failing answers.
+    stale = held.model_copy(update={"paused": False})
+    controller = rollout_controller(stack.settings)
+    controller._track({domain: stale})
+    failing = Window()
+    for i in range(20):
+        failing.add_answer(
+            {"variant": "canary", "label": None, "stable_label": "a", "rid": str(i), "error": "X"}
+        )
+    controller._tracking[domain].window = failing
+    with pytest.raises(RegistryConflict, match="was paused"):
+        controller.analyse_rollouts({domain: stale}, time.time() + 3600)
+    for decide in (
+        lambda: registry.rollback(domain, actor="test", reason="late verdict", version=version),
+        lambda: registry.promote(domain, version, actor="test", reason="late verdict", from_rollout=True),
+        lambda: registry.start(domain, version, "canary", weight=0.5, actor="test", reason="late verdict"),
+    ):
+        with pytest.raises(RegistryConflict, match="was paused"):
+            decide()
+    assert registry.rollouts()[domain] == held
+    assert _state(registry, domain, version) == held.stage
+    assert registry.audit(domain)[-1].type == "paused"  # nothing recorded after it
+    # The operator's own decisions still apply to a paused rollout.
+    registry.rollback(domain, actor="test", reason="operator ends it")
+    assert domain not in registry.rollouts() and _state(registry, domain, version) == "rolled_back"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import tempfile
 from dataclasses import replace
 
 import pytest
@@ -108,8 +109,14 @@ def test_uncalibrated_drops_the_fitted_values_under_another_version(tiny_encoder
     assert plain.adapter_dir == art.adapter_dir and plain.head is art.head
 
 
-def test_both_systems_serve_with_their_fitted_calibration(tiny_model_dir, mpnet_dir, stream, tmp_path):
+def test_both_systems_serve_with_their_fitted_calibration(
+    tiny_model_dir, mpnet_dir, stream, tmp_path, monkeypatch
+):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     result = transfer.run(stream, tmp_path / "run", _bench(tiny_model_dir, mpnet_dir))
+    assert list(scratch.iterdir()) == []  # the run's scratch (buffer, unreported artifacts) is removed
     cal = result["serving_calibration"]
     assert 0.0 <= cal["old"]["memory_weight"] <= 1.0
     assert 0.0 <= cal["new_transfer"]["memory_weight"] <= 1.0

@@ -8,6 +8,7 @@ The tests skip only when no helm binary exists (``scripts/install-helm.sh`` puts
 from __future__ import annotations
 
 import ast
+import atexit
 import functools
 import json
 import os
@@ -55,6 +56,7 @@ def _helm() -> str | None:
 def _helm_env() -> tuple[tuple[str, str], ...]:
     # Keep helm's cache and config out of the user's home; helm template reads nothing there anyway.
     home = tempfile.mkdtemp(prefix="helm-home-")
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
     env = dict(os.environ)
     for var in ("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"):
         env[var] = os.path.join(home, var.lower())
