@@ -46,6 +46,10 @@ class TrainConfig:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("query", "value")
     epochs: int = 3
+    # Passes over the training set of a run continued from a parent (None: ``epochs``). Such a run
+    # starts from weights that already fit the replayed part, and each run's new data is what arrived
+    # during the last one: fewer passes make runs shorter, so the next candidate comes sooner.
+    continued_epochs: int | None = None
     batch_size: int = 16
     lr: float = 5e-4
     head_lr: float = 5e-3
@@ -262,7 +266,8 @@ def train_adapter(
     opt, base_lrs = make_optimizer(model, [head_w, head_b], cfg)
     n = len(texts)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    epochs = cfg.continued_epochs if parent is not None and cfg.continued_epochs is not None else cfg.epochs
+    total = min(cfg.max_steps, epochs * steps_per_epoch)
     warmup = max(1, int(total * cfg.warmup_frac))
     model.train()
     step, last_loss = 0, torch.tensor(float("nan"))

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     )
     learner_retrain_every: int = Field(64, ge=1, description="new examples that trigger another training")
     learner_epochs: int = Field(3, ge=1)
+    learner_continued_epochs: int = Field(
+        3, ge=1, description="passes over the training set of a run continued from the domain's adapter"
+    )
     learner_max_steps: int = Field(300, ge=1)
     learner_batch_size: int = Field(16, ge=1)
     learner_holdout_frac: float = Field(0.2, ge=0, lt=1)
@@ -232,6 +235,7 @@ class Settings(BaseSettings):
     def training(self) -> TrainConfig:
         return TrainConfig(
             epochs=self.learner_epochs,
+            continued_epochs=self.learner_continued_epochs,
             max_steps=self.learner_max_steps,
             batch_size=self.learner_batch_size,
             guard=self.learner_guard,

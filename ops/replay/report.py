@@ -4,8 +4,11 @@ predictions over exactly the same events."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.metadata
 import json
+import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,6 +61,7 @@ def build_report(
     return {
         "schema": REPORT_SCHEMA,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "software": software(),
         "stream": {
             "path": stream.path,
             "events": len(stream.events),
@@ -82,6 +86,7 @@ def build_report(
             "compensated_share": _share(sum(o.compensated for o in answered), len(answered)),
             "adapter_share": _share(sum(o.adapter is not None for o in answered), len(answered)),
             "model_versions": sorted({o.model_version for o in answered if o.model_version}),
+            "by_version": _by_version(outcomes, preds.get(best) if best else None),
         },
         "feedback_to_fix": {
             "followed": len(fixes),
@@ -112,6 +117,53 @@ def build_report(
         "timings_s": result.timings_s,
         "aborted": result.aborted,
     }
+
+
+def software() -> dict[str, Any]:
+    """What produced the report: the installed driftserve and, run from a git checkout, its commit and
+    whether the tree had uncommitted changes (two runs are comparable only if these say so)."""
+    out: dict[str, Any] = {"driftserve": None, "commit": None, "dirty": None}
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        out["driftserve"] = importlib.metadata.version("driftserve")
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if head.returncode == 0:
+            out["commit"] = head.stdout.strip()
+            status = subprocess.run(
+                ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            out["dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout: the version is enough
+        pass
+    return out
+
+
+def _by_version(outcomes: Sequence[Any], baseline: Sequence[str | None] | None) -> list[dict[str, Any]]:
+    """Accuracy of the answers each model version gave (in order of its first answer), beside the best
+    baseline's on exactly those events: which rollout helped, and where the system trailed."""
+    groups: dict[str, list[int]] = {}
+    for i, o in enumerate(outcomes):
+        if o.error is None and o.model_version:
+            groups.setdefault(o.model_version, []).append(i)
+    out = []
+    for version, rows in groups.items():
+        right = sum(outcomes[i].predicted == outcomes[i].label for i in rows)
+        row: dict[str, Any] = {
+            "version": version,
+            "first_event": rows[0],
+            "answers": len(rows),
+            "accuracy": right / len(rows),
+        }
+        if baseline is not None:
+            row["best_baseline_accuracy"] = sum(baseline[i] == outcomes[i].label for i in rows) / len(rows)
+        out.append(row)
+    return out
 
 
 def _latency_ms(outcomes: Sequence[Any]) -> dict[str, float | None]:
@@ -201,6 +253,19 @@ def render_markdown(report: dict[str, Any], plots: Sequence[str] = ()) -> str:
         f"{_fmt(d['compensated_share'])}, from an adapter: {_fmt(d['adapter_share'])}.",
         "",
     ]
+    if d.get("by_version"):
+        lines += [
+            f"By model version (the best baseline, {bar.get('best_baseline')}, on the same events):",
+            "",
+            "| version | first answered event | answers | accuracy | best baseline |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for v in d["by_version"]:
+            lines.append(
+                f"| {v['version']} | {v['first_event']} | {v['answers']} | {_fmt(v['accuracy'])} | "
+                f"{_fmt(v.get('best_baseline_accuracy'))} |"
+            )
+        lines.append("")
     domains = next(iter(report["per_domain"].values()), {})
     if len(domains) > 1:
         names = list(report["per_domain"])
@@ -277,6 +342,19 @@ def render_markdown(report: dict[str, Any], plots: Sequence[str] = ()) -> str:
         f"Timings (s): " + ", ".join(f"{k} {_fmt(v, 1)}" for k, v in t.items()) + ".",
         "",
     ]
+    sw = report.get("software") or {}
+    if sw.get("driftserve") or sw.get("commit"):
+        commit = sw.get("commit")
+        lines += [
+            f"driftserve {sw.get('driftserve') or '(not installed)'}"
+            + (
+                f", commit {commit[:12]}{' with uncommitted changes' if sw.get('dirty') else ''}"
+                if commit
+                else ""
+            )
+            + ".",
+            "",
+        ]
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 

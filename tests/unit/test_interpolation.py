@@ -77,3 +77,17 @@ def test_muscle_flip_mask_trains_a_continued_run(tmp_path, tiny_encoder):
     cfg = replace(CFG, distill_mask="flips", distill_weight=1.0)
     child = train_adapter(tiny_encoder, TEXTS, LABELS, cfg, parent=parent)
     assert np.isfinite(child.final_loss) and child.steps == 3
+
+
+def test_a_continued_run_makes_its_own_number_of_passes(tmp_path, tiny_encoder):
+    """``continued_epochs`` sets the passes of a run from a parent only; a first run keeps ``epochs``."""
+    from dataclasses import replace
+
+    parent = _parent(tmp_path, tiny_encoder)
+    cfg = replace(CFG, epochs=3, continued_epochs=1, max_steps=100)  # 24 texts, batch 8: 3 steps a pass
+    assert train_adapter(tiny_encoder, TEXTS, LABELS, cfg).steps == 9
+    assert train_adapter(tiny_encoder, TEXTS, LABELS, cfg, parent=parent).steps == 3
+    assert (
+        train_adapter(tiny_encoder, TEXTS, LABELS, replace(cfg, continued_epochs=None), parent=parent).steps
+        == 9
+    )

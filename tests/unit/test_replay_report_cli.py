@@ -204,3 +204,39 @@ def test_wait_adapter_warns_when_no_warm_up_adapter_can_be_promoted(wait, url, o
     assert (warning is not None) == warned
     if warned:
         assert "--canary-min-requests 0" in warning and "(10)" in warning
+
+
+def test_the_report_gives_each_model_versions_accuracy_beside_the_best_baseline(tmp_path: Path) -> None:
+    stream = read_stream(write_stream(tmp_path / "s.jsonl", 12))
+    result = ReplayResult(n_warmup=2)
+    answers = ["v1", "v1", "v1", "v2", "v2", "v1", "v2", "v2", "v2", "v2"]  # v1 answers again mid-rollout
+    for pos, version in enumerate(answers):
+        e = stream.events[2 + pos]
+        predicted = e.label if version == "v2" or pos == 0 else "wrong"
+        result.outcomes.append(
+            Outcome(pos, e.id, e.domain, e.label, predicted, version, None, False, 0.01, None, 0.0, 0.0)
+        )
+    truth = [e.label for e in stream.events[2:]]
+    baseline = [t if i % 2 else "nope" for i, t in enumerate(truth)]
+    report = build_report(
+        stream=stream,
+        n_warmup=2,
+        result=result,
+        baselines={"knn": baseline},
+        baseline_help={"knn": "k"},
+        config={},
+        window=3,
+    )
+    v1, v2 = report["driftserve"]["by_version"]
+    assert (v1["version"], v1["first_event"], v1["answers"], v1["accuracy"]) == ("v1", 0, 4, 0.25)
+    assert v1["best_baseline_accuracy"] == 0.5  # events 0, 1, 2, 5: right at 1 and 5
+    assert (v2["version"], v2["first_event"], v2["answers"], v2["accuracy"]) == ("v2", 3, 6, 1.0)
+    assert v2["best_baseline_accuracy"] == 0.5  # events 3, 4, 6-9: right at 3, 7, 9
+    md = render_markdown(report)
+    assert "| v1 | 0 | 4 | 0.250 | 0.500 |" in md
+    # What produced it: the installed version and, from a git checkout, its commit.
+    software = report["software"]
+    assert software["driftserve"]
+    if (Path(__file__).resolve().parents[2] / ".git").exists():
+        assert len(software["commit"]) == 40 and isinstance(software["dirty"], bool)
+        assert f"commit {software['commit'][:12]}" in md
