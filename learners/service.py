@@ -40,6 +40,9 @@ from streams.schemas import ArtifactManifest, parse_feedback, parse_forget
 log = logging.getLogger(__name__)
 
 GROUP_ROLE = "learner"
+# Evaluations of one candidate against a newly served version (each takes as long as the first one; a
+# candidate still behind after these is left to the controller, which rejects a stale evaluation).
+MAX_REEVALUATIONS = 2
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,9 @@ class Learner:
         try:
             candidate = load_artifact(staged, base_fingerprint=self.encoder.fingerprint, dim=self.encoder.dim)
             scores = self.evaluate(domain, candidate, parent, train, hold)
+            against = parent
+            if not unlearning and not self.train_cfg.guard:  # a guard is bound to its parent
+                against, scores = self._against_served(domain, candidate, parent, train, hold, scores)
             scores["train_steps"] = float(trained.steps)
             scores["train_loss"] = trained.final_loss
             scores["train_seconds"] = time.monotonic() - started
@@ -248,6 +254,7 @@ class Learner:
             metrics=scores,
             reason=reason,
             unlearning=unlearning,
+            evaluated_against=None if against is parent else _version(against),
         )
         self.buffers.mark_trained(domain, consumed)
         with self._lock:
@@ -260,6 +267,33 @@ class Learner:
         self.reports.append(report)
         log.info("domain %s candidate %s submitted (%s) %s", domain, version, reason, scores)
         return report
+
+    def _against_served(
+        self,
+        domain: str,
+        candidate: Artifact,
+        parent: Artifact | None,
+        train: list[Example],
+        hold: list[Example],
+        scores: dict[str, float],
+    ) -> tuple[Artifact | None, dict[str, float]]:
+        """The run compared its candidate with the version served when it started. If another one was
+        promoted meanwhile (the previous candidate's rollout ended while this one trained), the
+        comparison is done again against it: the gate judges a candidate against what is served."""
+        against = parent
+        for _ in range(MAX_REEVALUATIONS):
+            served = self.current(domain)
+            if _version(served) == _version(against):
+                break
+            log.info(
+                "domain %s: %s is served now (the run started from %s): evaluating again against it",
+                domain,
+                _version(served) or "the memory alone",
+                _version(against) or "the memory alone",
+            )
+            against, scores = served, self.evaluate(domain, candidate, served, train, hold)
+            metrics.LEARNER_REEVALUATIONS.inc()
+        return against, scores
 
     def evaluate(
         self,
@@ -369,3 +403,8 @@ class Learner:
             self._jobs.put(None)
             consumer.close(autocommit=False)
             worker.join(timeout=60)
+
+
+def _version(artifact: Artifact | None) -> str:
+    """An artifact's version; "" for none (the memory alone)."""
+    return artifact.manifest.version if artifact is not None else ""

@@ -38,7 +38,13 @@ from serving.errors import ArtifactRejected
 from streams.errors import InvalidEvent, StoreUnavailable
 from streams.kafka_io import KafkaConfig, make_consumer, make_producer
 from streams.redis_store import RedisConfig, connect
-from streams.registry_store import RegistryConflict, RegistryStore, RolloutState, VersionRecord
+from streams.registry_store import (
+    RegistryConflict,
+    RegistryStore,
+    RolloutState,
+    VersionRecord,
+    baseline_of,
+)
 from streams.schemas import parse_feedback
 
 log = logging.getLogger(__name__)
@@ -201,6 +207,21 @@ class RolloutController:
         if problem is not None:
             self.registry.reject(
                 domain, record.version, actor=ACTOR, reason=f"integrity: {problem}", metrics={}
+            )
+            return
+        # The offline gate compares the candidate with what its evaluation measured as "current". If
+        # another version was promoted since (it waited behind that rollout, or trained meanwhile),
+        # those figures say nothing about the candidate against what is served now.
+        against, served = baseline_of(record), self.registry.active().get(domain, "")
+        metrics.GATE_CHECKS.labels("baseline", "pass" if against == served else "fail").inc()
+        if against != served:
+            self.registry.reject(
+                domain,
+                record.version,
+                actor=ACTOR,
+                reason=f"stale evaluation: compared with {against or 'the memory alone'}, "
+                f"{served or 'the memory alone'} is served now",
+                metrics=record.metrics,
             )
             return
         decision = offline_gate(record.metrics, self.policy.gate_for(domain))

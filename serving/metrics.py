@@ -87,6 +87,10 @@ FEEDBACK_PRODUCED = Counter("driftserve_feedback_produced_total", "feedback acce
 LEARNER_RUNS = Counter(
     "driftserve_learner_runs_total", "training runs", ["outcome"]
 )  # promoted|rejected|failed
+LEARNER_REEVALUATIONS = Counter(
+    "driftserve_learner_reevaluations_total",
+    "candidates evaluated again because another version was promoted while they trained",
+)
 LEARNER_SECONDS = Histogram(
     "driftserve_learner_train_seconds",
     "wall time of one training run",

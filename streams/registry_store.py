@@ -60,9 +60,18 @@ class VersionRecord(BaseModel):
     parent: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     unlearning: bool = False
+    # The version its evaluation compared it with ("" the memory alone); None: not recorded, its parent.
+    evaluated_against: str | None = None
     reason: str = ""
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
+
+
+def baseline_of(record: VersionRecord) -> str:
+    """The version a candidate's evaluation compared it with ("": the memory alone, no adapter)."""
+    if record.evaluated_against is not None:
+        return record.evaluated_against
+    return record.parent or ""
 
 
 class RolloutState(BaseModel):
@@ -209,9 +218,21 @@ class RegistryStore:
         actor: str = "learner",
         reason: str = "",
         unlearning: bool = False,
+        evaluated_against: str | None = None,
     ) -> RolloutEvent:
+        """``evaluated_against``: the served version its evaluation compared it with ("" the memory
+        alone), if that is not its parent (the served version changed while it trained)."""
+
         def change(tx: _Tx) -> RolloutEvent:
-            tx.register(version, "candidate", parent, metrics, reason, unlearning=unlearning)
+            tx.register(
+                version,
+                "candidate",
+                parent,
+                metrics,
+                reason,
+                unlearning=unlearning,
+                evaluated_against=evaluated_against,
+            )
             return tx.event("candidate", version, actor, reason, metrics, parent)
 
         return self._transact(domain, change)
@@ -504,6 +525,7 @@ class _Tx:
         reason: str,
         *,
         unlearning: bool = False,
+        evaluated_against: str | None = None,
     ) -> None:
         """Write a version never registered before (a version name is never reused)."""
         if self.record(version) is not None:
@@ -516,6 +538,7 @@ class _Tx:
                 parent=parent,
                 metrics=metrics,
                 unlearning=unlearning,
+                evaluated_against=evaluated_against,
                 reason=reason,
             )
         )

@@ -21,7 +21,7 @@ import numpy as np
 from ops.replay.baselines import BASELINES, run_baselines
 from ops.replay.embeddings import embed_texts
 from ops.replay.pacing import Pacer
-from ops.replay.report import SYSTEM, build_report, write_report
+from ops.replay.report import SYSTEM, build_report, software, write_report
 from ops.replay.runner import ReplayResult, ReplayRunner, RunnerConfig
 from ops.replay.stream import Stream, StreamFormatError, read_stream, split_warmup
 from ops.replay.transport import HttpPredictClient, KafkaFeedbackSink, TransportError
@@ -195,6 +195,7 @@ def wait_adapter_warning(args: argparse.Namespace, settings: Settings) -> str | 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """The ``replay`` subcommand; returns the exit code (0 done, 1 stopped early, 2 bad input/setup)."""
+    produced_by = software()  # at the start: a checkout can change during a run of half an hour
     try:
         stream = read_stream(args.stream, limit=args.limit)
         n_warmup = split_warmup(stream.events, args.warmup)
@@ -271,6 +272,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         baseline_help=help_text,
         config=config,
         window=window,
+        produced_by=produced_by,
     )
     paths = write_report(report, out, result, preds)
     _print_summary(report, paths)

@@ -32,7 +32,9 @@ def build_report(
     baseline_help: dict[str, str],
     config: dict[str, Any],
     window: int,
+    produced_by: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """``produced_by``: :func:`software` taken when the run started (the tree may change while it runs)."""
     outcomes = result.outcomes
     n = len(outcomes)
     truth = [o.label for o in outcomes]
@@ -61,7 +63,7 @@ def build_report(
     return {
         "schema": REPORT_SCHEMA,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "software": software(),
+        "software": produced_by if produced_by is not None else software(),
         "stream": {
             "path": stream.path,
             "events": len(stream.events),

@@ -182,9 +182,21 @@ class Placer:
             memory,
         )
 
-    def submit(self, domain: str, version: str, report: dict[str, float], parent: str | None = None) -> None:
+    def submit(
+        self,
+        domain: str,
+        version: str,
+        report: dict[str, float],
+        parent: str | None = None,
+        evaluated_against: str | None = None,
+    ) -> None:
         self.registry.submit_candidate(
-            domain, version, parent=parent, metrics=report, reason="test candidate"
+            domain,
+            version,
+            parent=parent,
+            metrics=report,
+            reason="test candidate",
+            evaluated_against=evaluated_against,
         )
 
     def bootstrap(self, domain: str, trained: TrainedAdapter) -> str:
@@ -454,6 +466,7 @@ def test_canary_that_breaks_is_rolled_back_within_its_interval_budget(stack, reg
                     "ece": 0.0,
                     "current_ece": 0.0,
                 },
+                parent=stable,  # evaluated against what is served: the gate's baseline check passes
             )
             wait_for(lambda: _state(registry, domain, candidate) == "canary", 30, 0.02, "the canary stage")
             r = client.post(
@@ -553,11 +566,15 @@ artifacts.commit(staged)
 
 
 def _replica_actors(client, n: int) -> dict[str, str]:
-    """replica id -> Ray actor name, gathered from /healthz (requests spread over the replicas)."""
+    """replica id -> Ray actor name, gathered from /healthz (requests spread over the replicas). While
+    replicas restart a request may wait on one that is going away: that is no answer yet, not an error."""
     found: dict[str, str] = {}
     deadline = time.monotonic() + 60
     while len(found) < n and time.monotonic() < deadline:
-        r = client.get("/healthz")
+        try:
+            r = client.get("/healthz", timeout=5)
+        except httpx.TransportError:
+            continue
         if r.status_code == 200:
             found[r.json()["replica"]] = r.json()["actor"]
     return found
@@ -696,10 +713,10 @@ def test_a_pause_that_lands_while_the_controller_decides_holds(stack, registry, 
 
     placer = Placer(stack, registry, candidates)
     domain = "paused-meanwhile"
-    placer.bootstrap(domain, candidates.good)
-    version = placer.place(domain, candidates.good_next)
+    stable = placer.bootstrap(domain, candidates.good)
+    version = placer.place(domain, candidates.good_next, parent=stable)
     good = {"holdout_size": 10.0, "holdout_accuracy": 1.0, "current_accuracy": 1.0, "nfr": 0.0, "ece": 0.0}
-    placer.submit(domain, version, {**good, "current_ece": 0.0})
+    placer.submit(domain, version, {**good, "current_ece": 0.0}, parent=stable)
     wait_for(lambda: _state(registry, domain, version) in {"shadow", "canary"}, 30, 0.02, "the rollout")
     registry.set_paused(domain, True, actor="test", reason="hold it")
     held = registry.rollouts()[domain]
@@ -728,3 +745,28 @@ def test_a_pause_that_lands_while_the_controller_decides_holds(stack, registry, 
     # The operator's own decisions still apply to a paused rollout.
     registry.rollback(domain, actor="test", reason="operator ends it")
     assert domain not in registry.rollouts() and _state(registry, domain, version) == "rolled_back"
+
+
+def test_a_candidate_evaluated_against_a_version_no_longer_served_is_rejected(stack, registry, candidates):
+    """The offline gate compares a candidate with what its evaluation measured as current; if another
+    version is served by the time the controller takes it (it waited behind that version's rollout),
+    those figures say nothing and the candidate is rejected. Evaluated again, it is gated as usual."""
+    placer = Placer(stack, registry, candidates)
+    domain = "stale-evaluation"
+    served = placer.bootstrap(domain, candidates.good)
+    good = {"holdout_size": 10.0, "holdout_accuracy": 1.0, "current_accuracy": 1.0, "nfr": 0.0, "ece": 0.0}
+    good["current_ece"] = 0.0
+    stale = placer.place(domain, candidates.good_next)
+    placer.submit(domain, stale, good)  # a first adapter, compared with the memory alone
+    wait_for(
+        lambda: _state(registry, domain, stale) == "rejected", 30, 0.05, "the stale candidate's rejection"
+    )
+    reason = registry.get(domain, stale).reason
+    assert reason == f"stale evaluation: compared with the memory alone, {served} is served now", reason
+    fresh = placer.place(domain, candidates.good_next)
+    placer.submit(domain, fresh, good, evaluated_against=served)  # the learner evaluated it again
+    wait_for(
+        lambda: _state(registry, domain, fresh) == "shadow", 30, 0.05, "the re-evaluated candidate's shadow"
+    )
+    assert registry.active()[domain] == served
+    registry.rollback(domain, actor="test", reason="done")

@@ -3,6 +3,7 @@ run, and exact unlearning at adapter scope."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import replace
@@ -31,14 +32,25 @@ class FakeRegistry:
     def __init__(self) -> None:
         self.active_versions: dict[str, str] = {}
         self.submitted: list[tuple[str, str, dict, bool]] = []
+        self.evaluated_against: dict[str, str | None] = {}
 
     def active(self) -> dict[str, str]:
         return dict(self.active_versions)
 
     def submit_candidate(
-        self, domain, version, *, parent, metrics, actor="learner", reason="", unlearning=False
+        self,
+        domain,
+        version,
+        *,
+        parent,
+        metrics,
+        actor="learner",
+        reason="",
+        unlearning=False,
+        evaluated_against=None,
     ):
         self.submitted.append((domain, version, metrics, unlearning))
+        self.evaluated_against[version] = evaluated_against
 
     def withdraw(self, domain, *, actor, reason):
         self.active_versions.pop(domain, None)
@@ -304,3 +316,36 @@ def test_a_continued_run_ships_guarded_by_its_parent_with_a_fitted_margin(learne
     assert served is not None and served.guard is not None
     assert served.guard.manifest.version == first.version and served.guard.guard is None
     assert served.manifest.metrics[GUARD_MARGIN] == second.metrics[GUARD_MARGIN]
+
+
+def test_a_run_outlived_by_its_parent_is_evaluated_again_against_what_is_served(learner, monkeypatch):
+    """The previous candidate's rollout ended while this run trained: its evaluation is redone against
+    the version served now (the gate's baseline), and the registry is told which one that was."""
+    from serving import metrics as serving_metrics
+
+    _feed(learner, _events(32))
+    first = learner.train_domain("d")
+    learner.registry.active_versions["d"] = first.version
+    _feed(learner, _events(16, start=32))
+    second = learner.train_domain("d")  # from `first`, not promoted yet
+    assert learner.registry.evaluated_against[second.version] is None  # its parent: nothing changed
+    _feed(learner, _events(16, start=48))
+    original = learner.evaluate
+    calls = []
+
+    def evaluate(domain, candidate, parent, train, hold):
+        calls.append(parent.manifest.version)
+        if len(calls) == 1:  # while the run trained, `second` passed its rollout
+            learner.registry.active_versions["d"] = second.version
+        scores = original(domain, candidate, parent, train, hold)
+        return {**scores, "evaluation": float(len(calls))}
+
+    monkeypatch.setattr(learner, "evaluate", evaluate)
+    before = serving_metrics.LEARNER_REEVALUATIONS._value.get()
+    third = learner.train_domain("d")
+    assert third.submitted and calls == [first.version, second.version]
+    assert third.metrics["evaluation"] == 2.0  # the figures the gate sees are the second evaluation's
+    assert learner.registry.evaluated_against[third.version] == second.version
+    assert serving_metrics.LEARNER_REEVALUATIONS._value.get() == before + 1
+    manifest = json.loads((learner.artifacts_dir / "d" / third.version / "manifest.json").read_text())
+    assert manifest["parent"] == first.version  # the lineage is what it was trained from
