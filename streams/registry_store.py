@@ -277,6 +277,12 @@ class RegistryStore:
             record = tx.record(version)
             if record is None or record.state not in {"candidate", "shadow"}:
                 raise RegistryConflict(f"{domain}/{version} is not a candidate ({record and record.state})")
+            if current is None and baseline_of(record) != (tx.active() or ""):
+                # The controller checked the baseline a moment ago; a promotion since makes it stale.
+                raise RegistryConflict(
+                    f"{domain}/{version} was evaluated against {baseline_of(record) or 'the memory alone'}, "
+                    f"{tx.active() or 'the memory alone'} is served now"
+                )
             now = time.time()
             state = RolloutState(
                 domain=domain,

@@ -770,3 +770,30 @@ def test_a_candidate_evaluated_against_a_version_no_longer_served_is_rejected(st
     )
     assert registry.active()[domain] == served
     registry.rollback(domain, actor="test", reason="done")
+
+
+def test_a_rollout_never_starts_on_an_evaluation_a_promotion_made_stale(stack):
+    """The controller checks a candidate's baseline, then starts its rollout; a promotion landing in
+    between must make the start fail (one transaction), not slip a stale candidate into shadow. On a
+    namespace of its own on the stack's Redis, so the running controller does not take the candidate."""
+    from dataclasses import replace as dc_replace
+
+    from streams.redis_store import connect
+    from streams.registry_store import RegistryStore
+
+    cfg = dc_replace(stack.settings.redis(), namespace=f"t-{uuid.uuid4().hex[:8]}")
+    client = connect(cfg)
+    try:
+        reg = RegistryStore(client, cfg)
+        reg.submit_candidate("d", "v2", parent=None, metrics={})  # compared with the memory alone
+        reg.install("d", "v1", parent=None, actor="operator", reason="promoted meanwhile")
+        with pytest.raises(RegistryConflict, match="evaluated against the memory alone, v1 is served now"):
+            reg.start("d", "v2", "shadow", shadow_share=1.0, actor="test", reason="gate passed")
+        assert "d" not in reg.rollouts() and reg.get("d", "v2").state == "candidate"
+        reg.submit_candidate("d", "v3", parent=None, metrics={}, evaluated_against="v1")
+        reg.start("d", "v3", "shadow", shadow_share=1.0, actor="test", reason="gate passed")
+        assert reg.rollouts()["d"].version == "v3"
+    finally:
+        for key in client.scan_iter(f"{cfg.namespace}:*"):
+            client.delete(key)
+        client.close()
