@@ -282,6 +282,8 @@ class Learner:
         comparison is done again against it: the gate judges a candidate against what is served."""
         against = parent
         for _ in range(MAX_REEVALUATIONS):
+            if self.registry.active().get(domain, "") == _version(against):
+                break  # the usual case: one registry read, no artifact loaded
             served = self.current(domain)
             if _version(served) == _version(against):
                 break

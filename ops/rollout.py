@@ -42,8 +42,8 @@ from streams.registry_store import (
     RegistryConflict,
     RegistryStore,
     RolloutState,
+    StaleEvaluation,
     VersionRecord,
-    baseline_of,
 )
 from streams.schemas import parse_feedback
 
@@ -209,21 +209,6 @@ class RolloutController:
                 domain, record.version, actor=ACTOR, reason=f"integrity: {problem}", metrics={}
             )
             return
-        # The offline gate compares the candidate with what its evaluation measured as "current". If
-        # another version was promoted since (it waited behind that rollout, or trained meanwhile),
-        # those figures say nothing about the candidate against what is served now.
-        against, served = baseline_of(record), self.registry.active().get(domain, "")
-        metrics.GATE_CHECKS.labels("baseline", "pass" if against == served else "fail").inc()
-        if against != served:
-            self.registry.reject(
-                domain,
-                record.version,
-                actor=ACTOR,
-                reason=f"stale evaluation: compared with {against or 'the memory alone'}, "
-                f"{served or 'the memory alone'} is served now",
-                metrics=record.metrics,
-            )
-            return
         decision = offline_gate(record.metrics, self.policy.gate_for(domain))
         for check in decision.checks:
             metrics.GATE_CHECKS.labels(check.name, "pass" if check.passed else "fail").inc()
@@ -237,18 +222,32 @@ class RolloutController:
             )
             return
         reason = f"offline gate passed: {decision.reason}"
-        if self.policy.shadow_seconds > 0:
-            self.registry.start(
-                domain,
-                record.version,
-                "shadow",
-                shadow_share=self.policy.shadow_share,
-                actor=ACTOR,
-                reason=reason,
-            )
-        else:
-            self.registry.start(
-                domain, record.version, "canary", weight=self.policy.canary_weight, actor=ACTOR, reason=reason
+        # The gate compared the candidate with what its evaluation measured as current; ``start`` checks
+        # in its transaction that this is still what is served. If another version was promoted since
+        # (the candidate waited behind its rollout), the figures say nothing: rejected as stale.
+        try:
+            if self.policy.shadow_seconds > 0:
+                self.registry.start(
+                    domain,
+                    record.version,
+                    "shadow",
+                    shadow_share=self.policy.shadow_share,
+                    actor=ACTOR,
+                    reason=reason,
+                )
+            else:
+                self.registry.start(
+                    domain,
+                    record.version,
+                    "canary",
+                    weight=self.policy.canary_weight,
+                    actor=ACTOR,
+                    reason=reason,
+                )
+        except StaleEvaluation as exc:
+            metrics.GATE_CHECKS.labels("baseline", "fail").inc()
+            self.registry.reject(
+                domain, record.version, actor=ACTOR, reason=f"stale evaluation: {exc}", metrics=record.metrics
             )
 
     # -- in-flight rollouts -----------------------------------------------------------------------------

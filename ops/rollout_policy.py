@@ -252,25 +252,28 @@ def _label_failures(
     """NFR and accuracy against the promoted version on the interval's labelled answers. Each fails only
     if it is over its bound *and* the excess is significant at ``policy.alpha``; one that is over but
     within noise becomes a note in the verdict's reason."""
-    out = []
+    out: list[str] = []
+
+    def judge(excess: str, evidence: str, p: float) -> None:
+        significant = p < policy.alpha
+        tail = "" if significant else f", not significant at {policy.alpha:g}"
+        (out if significant else notes).append(f"{excess} ({evidence} p={p:.3g}{tail})")
+
     nf, pf, n = window.negative_flips, window.positive_flips, window.labelled
     if s["nfr"] > policy.max_nfr:
         # H0: the candidate's true flip rate is at most max_nfr; p = P(X >= nf), X ~ Bin(n, max_nfr).
-        p = binomial_sf(nf, n, policy.max_nfr)
-        (out if p < policy.alpha else notes).append(
-            f"nfr {s['nfr']:.3f} > {policy.max_nfr} ({nf} of {n} labelled, p={p:.3g}"
-            + ("" if p < policy.alpha else f", not significant at {policy.alpha:g}")
-            + ")"
+        judge(
+            f"nfr {s['nfr']:.3f} > {policy.max_nfr}",
+            f"{nf} of {n} labelled,",
+            binomial_sf(nf, n, policy.max_nfr),
         )
     if s["accuracy"] < s["stable_accuracy"] - policy.epsilon:
         # Both versions answered the same requests: only the discordant pairs say which is better.
         # H0: a discordant pair is a negative flip no more often than a positive one (exact sign test).
-        p = binomial_sf(nf, nf + pf, 0.5)
-        (out if p < policy.alpha else notes).append(
-            f"accuracy {s['accuracy']:.3f} < stable {s['stable_accuracy']:.3f} - {policy.epsilon} "
-            f"({nf} negative vs {pf} positive flips, sign test p={p:.3g}"
-            + ("" if p < policy.alpha else f", not significant at {policy.alpha:g}")
-            + ")"
+        judge(
+            f"accuracy {s['accuracy']:.3f} < stable {s['stable_accuracy']:.3f} - {policy.epsilon}",
+            f"{nf} negative vs {pf} positive flips, sign test",
+            binomial_sf(nf, nf + pf, 0.5),
         )
     return out
 

@@ -51,6 +51,10 @@ class RegistryConflict(Exception):
     """The requested transition does not apply to the current state (e.g. promote with no rollout)."""
 
 
+class StaleEvaluation(RegistryConflict):
+    """A candidate's evaluation compared it with a version that is no longer served."""
+
+
 class VersionRecord(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -277,12 +281,13 @@ class RegistryStore:
             record = tx.record(version)
             if record is None or record.state not in {"candidate", "shadow"}:
                 raise RegistryConflict(f"{domain}/{version} is not a candidate ({record and record.state})")
-            if current is None and baseline_of(record) != (tx.active() or ""):
-                # The controller checked the baseline a moment ago; a promotion since makes it stale.
-                raise RegistryConflict(
-                    f"{domain}/{version} was evaluated against {baseline_of(record) or 'the memory alone'}, "
-                    f"{tx.active() or 'the memory alone'} is served now"
-                )
+            if current is None:  # a rollout begins: its evaluation must be against what is served
+                against, served = baseline_of(record), tx.active() or ""
+                if against != served:  # checked in this transaction: a promotion just before counts
+                    raise StaleEvaluation(
+                        f"compared with {against or 'the memory alone'}, {served or 'the memory alone'} "
+                        "is served now"
+                    )
             now = time.time()
             state = RolloutState(
                 domain=domain,

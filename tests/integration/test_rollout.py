@@ -36,7 +36,7 @@ from serving.artifacts import HEAD_FILE, MANIFEST, load_artifact, sha256_file
 from serving.encoder import Encoder
 from serving.predictor import pick
 from streams.redis_store import MemoryEntry
-from streams.registry_store import RegistryConflict
+from streams.registry_store import RegistryConflict, StaleEvaluation
 from streams.schemas import ArtifactManifest
 from tests.conftest import wait_for
 from tests.integration.conftest import (
@@ -787,7 +787,7 @@ def test_a_rollout_never_starts_on_an_evaluation_a_promotion_made_stale(stack):
         reg = RegistryStore(client, cfg)
         reg.submit_candidate("d", "v2", parent=None, metrics={})  # compared with the memory alone
         reg.install("d", "v1", parent=None, actor="operator", reason="promoted meanwhile")
-        with pytest.raises(RegistryConflict, match="evaluated against the memory alone, v1 is served now"):
+        with pytest.raises(StaleEvaluation, match="compared with the memory alone, v1 is served now"):
             reg.start("d", "v2", "shadow", shadow_share=1.0, actor="test", reason="gate passed")
         assert "d" not in reg.rollouts() and reg.get("d", "v2").state == "candidate"
         reg.submit_candidate("d", "v3", parent=None, metrics={}, evaluated_against="v1")
