@@ -95,14 +95,15 @@ def compensate_batch_parts(
     if not cfg.enabled or sims.size == 0:
         return probs, np.zeros(n), np.zeros(n), np.zeros((n, v))
     top = sims[:, 0]
-    raw = cfg.lambda_max * np.clip((top - cfg.sim_low) / (cfg.sim_high - cfg.sim_low), 0.0, 1.0)
-    raw[~np.isfinite(top)] = 0.0
+    finite = np.isfinite(top)
+    raw = cfg.lambda_max * np.clip(
+        (np.where(finite, top, cfg.sim_low) - cfg.sim_low) / (cfg.sim_high - cfg.sim_low), 0.0, 1.0
+    )
     lam = np.where(top < cfg.sim_high, scale * raw, raw)
-    z = (sims - np.where(np.isfinite(top), top, 0.0)[:, None]) / cfg.tau
-    weights = np.where(np.isfinite(sims), np.exp(z), 0.0)
-    weights /= np.clip(weights.sum(axis=1, keepdims=True), 1e-12, None)
-    y_bar = np.zeros((n, v))
-    np.add.at(y_bar, (np.repeat(np.arange(n), sims.shape[1]), label_idx.ravel()), weights.ravel())
+    weights = np.exp((sims - np.where(finite, top, 0.0)[:, None]) / cfg.tau)  # -inf pads: weight 0
+    weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
+    cells = (np.arange(n)[:, None] * v + label_idx).ravel()
+    y_bar = np.bincount(cells, weights=weights.ravel(), minlength=n * v).reshape(n, v)
     out = (1.0 - lam)[:, None] * probs + lam[:, None] * y_bar
     total = out.sum(axis=1, keepdims=True)
     out = np.divide(out, total, out=np.zeros_like(out), where=total > 0)

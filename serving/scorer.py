@@ -133,13 +133,13 @@ class FeedbackScorer:
         k = min(self.cfg.knn_k, sims.shape[1]) if sims.ndim == 2 else 0
         if k:
             s = sims[:, :k].astype(np.float64)
-            top = np.where(np.isfinite(s[:, :1]), s[:, :1], 0.0)
-            w = np.where(np.isfinite(s), np.exp((s - top) / self.cfg.knn_tau), 0.0)
-            w /= np.clip(w.sum(axis=1, keepdims=True), 1e-12, None)
+            top = s[:, :1]
+            w = np.exp((s - np.where(np.isfinite(top), top, 0.0)) / self.cfg.knn_tau)  # -inf pads: weight 0
+            w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-12)
             get = st.index.get
             cols = np.array([[get(lab, -1) for lab in row[:k]] for row in neighbour_labels], dtype=np.int64)
-            rows, js = np.nonzero(cols >= 0)
-            np.add.at(out[0], (rows, cols[rows, js]), w[rows, js])
+            cells = (np.arange(n)[:, None] * c + cols)[cols >= 0]  # a label the scorer has not learnt: none
+            out[0] = np.bincount(cells, weights=w[cols >= 0], minlength=n * c).reshape(n, c)
         known = [(st.index[lab], j) for j, lab in enumerate(class_labels) if lab in st.index]
         if known:
             cols, rows = zip(*known, strict=True)
@@ -147,7 +147,7 @@ class FeedbackScorer:
             z[:, list(cols)] = (keys @ class_means[list(rows)].T) / self.cfg.ncm_tau
             out[1] = _softmax_rows(z)
         if c and st.regressions:
-            z = self.cfg.logit_scale * np.einsum("hcd,nd->hnc", st.weight, keys) + st.bias[:, None, :]
+            z = self.cfg.logit_scale * np.matmul(st.weight, keys.T).transpose(0, 2, 1) + st.bias[:, None, :]
             out[2:] = _softmax_rows(z)
         return out
 
@@ -175,8 +175,10 @@ class FeedbackScorer:
             experts = self._experts(st, keys, sims, neighbour_labels, class_labels, class_means)
             w = np.exp(st.log_w - st.log_w.max())
             labels = list(st.labels)
-        experts = np.nan_to_num(experts)
-        probs = np.einsum("e,enc->nc", w / w.sum(), experts)
+        w /= w.sum()
+        probs = np.tensordot(w, experts, axes=1)
+        if not np.isfinite(probs).all():  # a non-finite key: its experts count as having no opinion
+            probs = np.tensordot(w, np.nan_to_num(experts), axes=1)
         return labels, probs
 
     # -- learning -----------------------------------------------------------------------------------------

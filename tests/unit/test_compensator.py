@@ -73,3 +73,32 @@ def test_batch_compensation_matches_the_row_wise_rule():
         assert lams[0] == pytest.approx(lam)
         for j, name in enumerate(vocab):
             assert got[0, j] == pytest.approx(expected.get(name, 0.0), abs=1e-9)
+
+
+def test_a_batch_of_rows_with_padded_neighbours_matches_each_row_alone():
+    """Rows are independent: a batch equals its rows compensated one by one, a ``-inf`` pad counts as no
+    neighbour, and a row with no neighbour at all is left untouched."""
+    from serving.compensator import compensate_batch
+
+    rng = np.random.default_rng(2)
+    vocab = ["a", "b", "c", "d", "e"]
+    n, k = 7, 4
+    probs = rng.dirichlet(np.ones(len(vocab)), size=n)
+    probs[3] = 0.0  # no model opinion yet
+    sims = np.sort(rng.uniform(0.5, 1.0, size=(n, k)), axis=1)[:, ::-1].copy()
+    label_idx = rng.integers(0, len(vocab), size=(n, k))
+    sims[1, 2:] = -np.inf  # two neighbours only
+    sims[5, :] = -np.inf  # none
+    got, lams = compensate_batch(probs, sims, label_idx, CFG)
+    for i in range(n):
+        real = np.isfinite(sims[i])
+        expected, lam = compensate(
+            {name: p for name, p in zip(vocab, probs[i], strict=True) if p > 0},
+            sims[i][real],
+            [vocab[j] for j in label_idx[i][real]],
+            CFG,
+        )
+        assert lams[i] == pytest.approx(lam)
+        for j, name in enumerate(vocab):
+            assert got[i, j] == pytest.approx(expected.get(name, 0.0), abs=1e-9)
+    assert lams[5] == 0.0 and np.allclose(got[5], probs[5])

@@ -96,3 +96,24 @@ def test_too_many_labels_switch_the_regressions_off_but_keep_knn():
         scorer.observe("d", _unit(np.eye(4)[i % 4]), f"l{i}")
     w = scorer.mixture_weights("d")
     assert w["olr@0.1"] == 0.0 and w["knn"] > 0
+
+
+def test_a_batch_scores_each_row_as_alone_with_padded_and_unlearnt_neighbours():
+    """``predict`` over many rows equals each row alone; a ``-inf`` pad and a neighbour label the scorer
+    has not learnt add nothing to the kNN expert."""
+    mem = InProcessMemory(16)
+    x, y = _stream(300, seed=3)
+    mem.add([MemoryEntry(f"e{i}", "d", str(y[i]), x[i], float(i), "v") for i in range(len(y))])
+    q = _unit(np.random.default_rng(4).standard_normal((6, 16)))
+    sims, labels = mem.search_batch("d", q, mem.scorer.cfg.knn_k)
+    sims = sims.astype(np.float64)
+    sims[2, 5:] = -np.inf
+    labels[4][0] = "never-learnt"
+    vocab, probs = mem.score("d", q, sims, labels)
+    assert np.allclose(np.delete(probs.sum(axis=1), 4), 1.0) and probs[4].sum() < 1.0  # the kNN share lost
+    for i in range(len(q)):
+        one_vocab, one = mem.score("d", q[i : i + 1], sims[i : i + 1], [labels[i]])
+        assert one_vocab == vocab
+        np.testing.assert_allclose(one[0], probs[i], atol=1e-12)
+    _, cut = mem.score("d", q[2:3], sims[2:3, :5], [labels[2][:5]])
+    np.testing.assert_allclose(cut[0], probs[2], atol=1e-12)
