@@ -134,7 +134,9 @@ class Settings(BaseSettings):
         description="a domain's first adapter must beat the memory-only path on the holdout by this (0: off)",
     )
     gate_policy_overrides: str = Field(
-        "", description='per-domain gate overrides as JSON, e.g. {"tenant-a": {"max_nfr": 0.01}}'
+        "",
+        description='per-domain gate overrides as JSON, e.g. {"tenant-a": {"max_nfr": 0.01}}: the fields '
+        "named replace this deployment's gate_* values for that domain",
     )
     shadow_share: float = Field(1.0, ge=0, le=1, description="share of a domain's traffic mirrored in shadow")
     shadow_seconds: float = Field(
@@ -242,17 +244,19 @@ class Settings(BaseSettings):
         )
 
     def rollout(self) -> RolloutPolicy:
+        gate = GatePolicy(
+            epsilon=self.gate_epsilon,
+            max_nfr=self.gate_max_nfr,
+            max_ece_increase=self.gate_max_ece_increase,
+            compat_epsilon=self.gate_compat_epsilon,
+            min_holdout=self.gate_min_holdout,
+            adapter_margin=self.gate_adapter_margin,
+            first_min_gain=self.gate_first_min_gain,
+        )
         return RolloutPolicy(
-            gate=GatePolicy(
-                epsilon=self.gate_epsilon,
-                max_nfr=self.gate_max_nfr,
-                max_ece_increase=self.gate_max_ece_increase,
-                compat_epsilon=self.gate_compat_epsilon,
-                min_holdout=self.gate_min_holdout,
-                adapter_margin=self.gate_adapter_margin,
-                first_min_gain=self.gate_first_min_gain,
-            ),
-            gate_overrides=parse_gate_overrides(self.gate_policy_overrides),
+            gate=gate,
+            # A domain's override changes the fields it names; the rest are this deployment's gate.
+            gate_overrides=parse_gate_overrides(self.gate_policy_overrides, gate),
             shadow_share=self.shadow_share,
             shadow_seconds=self.shadow_seconds,
             canary_weight=self.canary_weight,

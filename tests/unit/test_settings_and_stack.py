@@ -19,6 +19,16 @@ def test_environment_then_overrides(monkeypatch):
     assert s.training().guard is False and load_settings(learner_guard=True).training().guard is True
 
 
+def test_a_domain_gate_override_changes_only_what_it_names():
+    s = load_settings(
+        gate_epsilon=0.3, gate_max_nfr=0.4, gate_policy_overrides='{"tenant-a": {"max_nfr": 0.01}}'
+    )
+    policy = s.rollout()
+    assert policy.gate_for("tenant-a").max_nfr == 0.01
+    assert policy.gate_for("tenant-a").epsilon == 0.3  # the deployment's, not the built-in default
+    assert policy.gate_for("tenant-b") == policy.gate and policy.gate.max_nfr == 0.4
+
+
 def test_unknown_and_invalid_settings_are_errors(monkeypatch):
     with pytest.raises(ValidationError):
         load_settings(no_such_field=1)
