@@ -128,10 +128,18 @@ class Settings(BaseSettings):
         0.2, ge=0, le=1, description="the adapter's head alone may trail the current system by this much"
     )
     gate_first_min_gain: float = Field(
-        0.0,
+        0.02,
         ge=0,
         le=1,
-        description="a domain's first adapter must beat the memory-only path on the holdout by this (0: off)",
+        description="a domain's first adapter must beat the memory-only path on the holdout by this (0: off; "
+        "a later adapter is gated against the adapter it replaces)",
+    )
+    gate_first_alpha: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="a first adapter's gain must be significant at this level: exact one-sided sign test of "
+        "its positive vs negative flips on the holdout (1: the bare gate_first_min_gain)",
     )
     gate_policy_overrides: str = Field(
         "",
@@ -252,6 +260,7 @@ class Settings(BaseSettings):
             min_holdout=self.gate_min_holdout,
             adapter_margin=self.gate_adapter_margin,
             first_min_gain=self.gate_first_min_gain,
+            first_alpha=self.gate_first_alpha,
         )
         return RolloutPolicy(
             gate=gate,

@@ -62,6 +62,7 @@ def stack(tmp_path_factory):
         gate_compat_epsilon=1.0,
         gate_min_holdout=1,
         gate_adapter_margin=1.0,
+        gate_first_min_gain=0.0,
         gate_policy_overrides=json.dumps({d: STRICT_GATE for d in GATE_DOMAINS}),
         shadow_seconds=1.0,
         canary_weight=0.5,

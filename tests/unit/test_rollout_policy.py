@@ -170,14 +170,41 @@ def test_a_first_adapter_must_beat_memory_only_by_the_first_min_gain():
         "holdout_accuracy": 0.99,
         "current_accuracy": 0.99,
         "nfr": 0.0,
+        "pfr": 0.0,
         "ece": 0.0,
     }
     strict = GatePolicy(first_min_gain=0.01)
     first = offline_gate({**report, "has_parent": 0.0}, strict)
     assert not first.passed and any(c.name == "first_gain" and not c.passed for c in first.checks)
     assert offline_gate({**report, "has_parent": 1.0}, strict).passed  # a continued run: not a first adapter
-    assert offline_gate({**report, "has_parent": 0.0}, GatePolicy()).passed  # off by default
-    assert offline_gate({**report, "has_parent": 0.0, "holdout_accuracy": 1.0}, strict).passed
+    assert offline_gate({**report, "has_parent": 0.0}, GatePolicy(first_min_gain=0)).passed  # 0: off
+    gained = {**report, "has_parent": 0.0, "holdout_accuracy": 1.0, "current_accuracy": 0.9, "pfr": 0.1}
+    assert offline_gate(gained, strict).passed  # 10 positive flips, no negative: p = 0.001
+
+
+def test_a_first_adapters_gain_must_be_more_than_noise():
+    """The reviews replay's first adapters: 1 positive flip on 27 held out passes the bare margin but is
+    noise (p = 0.5); 16 positive against 3 negative on 143 is not (p = 0.002)."""
+    from ops.rollout_policy import GatePolicy, offline_gate
+
+    lucky = {
+        "holdout_size": 27.0,
+        "holdout_accuracy": 13 / 27,
+        "current_accuracy": 12 / 27,
+        "nfr": 0.0,
+        "pfr": 1 / 27,
+        "ece": 0.1,
+        "current_ece": 0.1,
+        "has_parent": 0.0,
+    }
+    decision = offline_gate(lucky, GatePolicy())
+    assert not decision.passed
+    (gain,) = [c for c in decision.checks if c.name == "first_gain"]
+    assert "1 positive vs 0 negative flips, sign test p=0.5 (max 0.05)" in gain.detail
+    assert offline_gate(lucky, GatePolicy(first_alpha=1.0)).passed  # the bare margin
+    real = {**lucky, "holdout_size": 143.0, "holdout_accuracy": 0.783, "current_accuracy": 0.692}
+    real |= {"nfr": 3 / 143, "pfr": 16 / 143}
+    assert offline_gate(real, GatePolicy()).passed, offline_gate(real, GatePolicy()).reason
 
 
 def test_calibration_on_a_handful_of_examples_is_reported_not_measured():

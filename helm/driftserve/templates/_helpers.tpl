@@ -257,6 +257,7 @@ float64 and would print 1000000 as 1e+06. Secrets are not here: see driftserve.s
 {{- $_ := set $s "gate_min_holdout" (int64 $g.minHoldout | toString) }}
 {{- $_ := set $s "gate_adapter_margin" (float64 $g.adapterMargin | toString) }}
 {{- $_ := set $s "gate_first_min_gain" (float64 $g.firstMinGain | toString) }}
+{{- $_ := set $s "gate_first_alpha" (float64 $g.firstAlpha | toString) }}
 {{- $_ := set $s "gate_policy_overrides" (toJson ($g.overrides | default dict)) }}
 {{- $_ := set $s "shadow_share" (float64 $v.rollout.shadow.share | toString) }}
 {{- $_ := set $s "shadow_seconds" (float64 $v.rollout.shadow.seconds | toString) }}
