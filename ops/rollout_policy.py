@@ -36,6 +36,25 @@ class GatePolicy:
     first_min_gain: float = 0.02
     first_alpha: float = 0.05
 
+    def __post_init__(self) -> None:
+        shares = (
+            "epsilon",
+            "max_nfr",
+            "max_ece_increase",
+            "compat_epsilon",
+            "adapter_margin",
+            "first_min_gain",
+        )
+        for name in shares:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if not 0.0 < self.first_alpha <= 1.0:
+            raise ValueError(f"first_alpha must be in (0, 1] (0 would never pass), got {self.first_alpha!r}")
+        for name in ("min_holdout", "ece_min_holdout"):
+            value = getattr(self, name)
+            if (isinstance(value, float) and not value.is_integer()) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+
 
 @dataclass(frozen=True)
 class RolloutPolicy:
@@ -79,11 +98,12 @@ def parse_gate_overrides(raw: str, base: GatePolicy | None = None) -> dict[str, 
     for domain, values in data.items():
         if not isinstance(values, dict) or set(values) - known:
             raise ValueError(f"gate override for {domain!r}: fields must be among {sorted(known)}")
-        if not all(
-            isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in values.values()
-        ):
-            raise ValueError(f"gate override for {domain!r}: values must be non-negative numbers")
-        out[domain] = replace(base, **values)
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values.values()):
+            raise ValueError(f"gate override for {domain!r}: values must be numbers")
+        try:
+            out[domain] = replace(base, **values)
+        except ValueError as exc:
+            raise ValueError(f"gate override for {domain!r}: {exc}") from exc
     return out
 
 

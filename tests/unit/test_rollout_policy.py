@@ -86,10 +86,21 @@ def test_per_domain_overrides():
 
 
 @pytest.mark.parametrize(
-    "raw", ["not json", "[1]", '{"d": {"max_nfr": "x"}}', '{"d": {"unknown": 1}}', '{"d": {"max_nfr": -1}}']
+    ("raw", "reason"),
+    [
+        ("not json", "not JSON"),
+        ("[1]", "must map domain"),
+        ('{"d": {"max_nfr": "x"}}', "must be numbers"),
+        ('{"d": {"unknown": 1}}', "fields must be among"),
+        ('{"d": {"max_nfr": -1}}', "max_nfr must be in"),
+        ('{"d": {"epsilon": 1.5}}', "epsilon must be in"),
+        ('{"d": {"first_alpha": 0}}', "0 would never pass"),
+        ('{"d": {"min_holdout": 0}}', "min_holdout must be a whole number"),
+        ('{"d": {"min_holdout": 2.5}}', "min_holdout must be a whole number"),
+    ],
 )
-def test_bad_overrides_are_refused_with_a_reason(raw):
-    with pytest.raises(ValueError):
+def test_bad_overrides_are_refused_with_a_reason(raw, reason):
+    with pytest.raises(ValueError, match=reason):
         parse_gate_overrides(raw)
 
 
