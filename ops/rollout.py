@@ -225,25 +225,17 @@ class RolloutController:
         # The gate compared the candidate with what its evaluation measured as current; ``start`` checks
         # in its transaction that this is still what is served. If another version was promoted since
         # (the candidate waited behind its rollout), the figures say nothing: rejected as stale.
+        shadow = self.policy.shadow_seconds > 0  # no shadow stage: straight to the canary
         try:
-            if self.policy.shadow_seconds > 0:
-                self.registry.start(
-                    domain,
-                    record.version,
-                    "shadow",
-                    shadow_share=self.policy.shadow_share,
-                    actor=ACTOR,
-                    reason=reason,
-                )
-            else:
-                self.registry.start(
-                    domain,
-                    record.version,
-                    "canary",
-                    weight=self.policy.canary_weight,
-                    actor=ACTOR,
-                    reason=reason,
-                )
+            self.registry.start(
+                domain,
+                record.version,
+                "shadow" if shadow else "canary",
+                shadow_share=self.policy.shadow_share if shadow else 0.0,
+                weight=0.0 if shadow else self.policy.canary_weight,
+                actor=ACTOR,
+                reason=reason,
+            )
         except StaleEvaluation as exc:
             metrics.GATE_CHECKS.labels("baseline", "fail").inc()
             self.registry.reject(
