@@ -40,3 +40,16 @@ def test_replica_processes_report_their_summed_rate(tiny_model_dir):
 def test_a_replica_that_dies_fails_the_sweep_instead_of_hanging(tmp_path):
     with pytest.raises(RuntimeError, match="replica processes failed"):
         gpu.serving_replicas(str(tmp_path / "no-model"), 4, 50, replicas=2, seconds=0.5, device="cpu")
+
+
+def test_bench_texts_are_seeded_words_of_the_models_vocabulary(tiny_model_dir):
+    from tokenizers import Tokenizer
+
+    vocab = set(Tokenizer.from_file(f"{tiny_model_dir}/tokenizer.json").get_vocab())
+    texts = gpu._texts(str(tiny_model_dir), 50, words=7, seed=3)
+    assert texts == gpu._texts(str(tiny_model_dir), 50, words=7, seed=3)
+    assert texts != gpu._texts(str(tiny_model_dir), 50, words=7, seed=4)
+    assert len(texts) == 50 and len(set(texts)) > 1
+    words = [w for t in texts for w in t.split(" ")]
+    assert len(words) == 50 * 7
+    assert all(w in vocab and w.isalpha() and len(w) >= 4 for w in words)
