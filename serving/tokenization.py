@@ -3,17 +3,21 @@
 On a GPU, tokenizing ~1,000-character texts costs more than the bf16 forward of MiniLM, so the serving
 rate is set by this module. ``FastTokenizer`` gives exactly the ids of
 ``tokenizer(texts, truncation=True, max_length=..., padding=True)`` (unit tests compare them on the shipped
-streams and on edge cases) with three savings:
+streams and on edge cases) with these savings:
 
-- the Rust tokenizer is called directly, without character offsets, and padding is done in numpy;
-- plain texts (ASCII without control characters) skip BERT's normalizer, which for them only lowercases
-  (cleaning, accent stripping and CJK spacing change nothing in ASCII);
-- long texts are tokenized from a prefix of their words (``WordPrefix``).
+- plain texts (ASCII without control characters or special-token strings) are split at whitespace here
+  and each token's ids come from a cache (``PlainWordPiece``): for them BERT's normalizer only
+  lowercases (cleaning, accent stripping and CJK spacing change nothing in ASCII), its pre-tokenizer
+  splits at whitespace and around each punctuation character, and WordPiece maps a word to the same ids
+  every time. Splitting stops once the window is full;
+- other texts go to the Rust tokenizer directly, without character offsets, and long ones are tokenized
+  from a prefix of their words (``WordPrefix``); padding is done in numpy.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import re
@@ -102,6 +106,112 @@ class WordPrefix:
         return sum(len(o.ids) - self.special for o in enc.overflowing)
 
 
+class PlainWordPiece:
+    """BERT-style tokenization of plain texts from a cache of whitespace-separated token -> ids.
+
+    Applies only to a tokenizer whose normalizer is BERT's, whose pre-tokenizer is BERT's and whose model
+    is WordPiece, and whose post-processor wraps a single text's ids in fixed special tokens (checked on
+    sample texts when built). A text is plain when ``plain`` says so: ASCII, no control characters, and
+    none of the tokenizer's added tokens (``[CLS]`` written in a text is that token to the tokenizer).
+
+    For such a text BERT's normalizer only lowercases, and its pre-tokenizer splits at whitespace and
+    around each punctuation character, so the ids of a whitespace-separated token (``"Coffee,"``) never
+    depend on its neighbours: they are computed once and cached under the token as written.
+    """
+
+    # BERT's pre-tokenizer on plain ASCII: runs of letters and digits, and each other visible character
+    # alone (every ASCII character that is not alphanumeric or a space is punctuation to BERT).
+    _WORDS = re.compile(r"[A-Za-z0-9]+|[^A-Za-z0-9\s]")
+    MAX_TOKENS = 100_000  # cached tokens; the cache starts over past this
+    MAX_CACHED_CHARS = 64  # longer tokens are split each time (they are rare and would bloat the cache)
+
+    def __init__(self, backend: Tokenizer, max_length: int, lowercase: bool) -> None:
+        self._model = backend.model
+        self._lowercase = lowercase
+        self._cache: dict[str, tuple[int, ...]] = {}
+        self.limit = max_length  # while the specials are probed (a cached token keeps >= limit ids)
+        self.prefix, self.suffix = self._specials(backend)
+        self.limit = max_length - len(self.suffix)  # ids before the suffix, the prefix included
+        added = [t for t in json.loads(backend.to_str()).get("added_tokens") or [] if t.get("content")]
+        self._raw_added = [t["content"] for t in added if not t.get("normalized")]
+        self._norm_added = [t["content"].lower() for t in added if t.get("normalized")]
+        # A text holding none of these characters holds no added token (a cheap first look).
+        firsts = {t[0] for t in self._raw_added} | {t[0] for t in self._norm_added}
+        self._added_firsts = sorted(firsts | {c.upper() for c in firsts})
+
+    @classmethod
+    def for_tokenizer(cls, backend: Tokenizer, max_length: int) -> PlainWordPiece | None:
+        spec = json.loads(backend.to_str())
+        parts = [(spec.get(part) or {}).get("type") for part in ("normalizer", "pre_tokenizer", "model")]
+        if parts != ["BertNormalizer", "BertPreTokenizer", "WordPiece"]:
+            return None
+        norm = spec["normalizer"]
+        try:
+            words = cls(backend, max_length, lowercase=bool(norm.get("lowercase", True)))
+        except ValueError:  # a post-processor that is not a fixed wrapper
+            return None
+        return words if len(words.prefix) + len(words.suffix) < max_length else None
+
+    def _specials(self, backend: Tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The ids the post-processor puts before and after a text's own, checked on sample texts."""
+        probe = copy.deepcopy(backend)
+        probe.no_truncation()
+        probe.no_padding()
+        empty = list(probe.encode("").ids)
+        for sample in ("hello", "Hello, world: 2 tests!"):
+            own = [i for token in sample.split() for i in self._token(token)]
+            full = list(probe.encode(sample).ids)
+            at = next((p for p in range(len(full) - len(own) + 1) if full[p : p + len(own)] == own), None)
+            if not own or at is None or full[:at] + full[at + len(own) :] != empty:
+                raise ValueError("the post-processor does not wrap a text's ids in fixed tokens")
+            prefix, suffix = tuple(full[:at]), tuple(full[at + len(own) :])
+        return prefix, suffix
+
+    def _token(self, token: str) -> tuple[int, ...]:
+        """A whitespace-separated token's ids (at most ``limit`` of them), cached when short."""
+        ids = self._cache.get(token)
+        if ids is not None:
+            return ids
+        text = token.lower() if self._lowercase else token
+        out: list[int] = []
+        for word in self._WORDS.finditer(text):
+            out += [t.id for t in self._model.tokenize(word.group())]
+            if len(out) >= self.limit:  # a long run without spaces: the window is full
+                break
+        ids = tuple(out)
+        if len(token) <= self.MAX_CACHED_CHARS:
+            if len(self._cache) >= self.MAX_TOKENS:
+                self._cache.clear()
+            self._cache[token] = ids
+        return ids
+
+    def plain(self, text: str) -> bool:
+        if not text.isascii():
+            return False
+        if not text.isprintable() and _ASCII_CONTROL.search(text):  # \t, \n and \r are only spaces
+            return False
+        if any(c in text for c in self._added_firsts):
+            if any(t in text for t in self._raw_added):
+                return False
+            if self._norm_added and any(t in text.lower() for t in self._norm_added):
+                return False
+        return True
+
+    def __call__(self, text: str) -> list[int]:
+        """A plain text's ids, truncated to the window like the tokenizer's (the tail is dropped)."""
+        ids = list(self.prefix)
+        limit, get = self.limit, self._cache.get
+        # Every token has at least one id ([UNK] at worst): the first ``limit`` tokens fill the window.
+        for token in text.split(None, limit)[:limit]:
+            piece = get(token)
+            ids += piece if piece is not None else self._token(token)
+            if len(ids) >= limit:
+                break
+        del ids[limit:]
+        ids += self.suffix
+        return ids
+
+
 class FastTokenizer:
     """Texts -> int64 ``input_ids`` and ``attention_mask``, truncated to ``max_length`` (the tail is
     dropped) and padded to the longest text of the batch."""
@@ -116,6 +226,7 @@ class FastTokenizer:
         plain = _plain_variant(backend)
         self._plain = _encode_batch(plain) if plain is not None else None
         self._prefix = WordPrefix.for_tokenizer(backend, max_length)
+        self._words = PlainWordPiece.for_tokenizer(backend, max_length)
 
     def _routed(self, texts: list[str]) -> list[Encoding]:
         """Plain texts through the lighter normalizer, the others through the tokenizer's own."""
@@ -138,19 +249,38 @@ class FastTokenizer:
         texts = list(texts)
         return self._prefix.encode(self._routed, texts) if self._prefix is not None else self._routed(texts)
 
+    def ids(self, texts: Sequence[str]) -> list[Sequence[int]]:
+        """Each text's ids, truncated but unpadded: plain texts from the word cache, the rest through the
+        Rust tokenizer."""
+        texts = list(texts)
+        if self._words is None:
+            return [e.ids for e in self.encodings(texts)]
+        out: list[Sequence[int]] = [()] * len(texts)
+        other = []
+        for i, text in enumerate(texts):
+            if self._words.plain(text):
+                out[i] = self._words(text)
+            else:
+                other.append(i)
+        if other:
+            for i, enc in zip(other, self.encodings([texts[i] for i in other]), strict=True):
+                out[i] = enc.ids
+        return out
+
     def token_ids(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Each text's ids, truncated but unpadded."""
-        return [np.asarray(e.ids, dtype=np.int64) for e in self.encodings(texts)]
+        return [np.asarray(r, dtype=np.int64) for r in self.ids(texts)]
 
     def pad(self, rows: Sequence[Sequence[int] | np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(ids, mask) of rows padded to the longest."""
-        width = max((len(r) for r in rows), default=0)
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        width = int(lengths.max()) if len(rows) else 0
+        mask = (np.arange(width) < lengths[:, None]).astype(np.int64)
         ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = r
-            mask[i, : len(r)] = 1
+        ids[mask.astype(bool)] = np.fromiter(
+            itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum())
+        )
         return ids, mask
 
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        return self.pad([e.ids for e in self.encodings(texts)])
+        return self.pad(self.ids(texts))
