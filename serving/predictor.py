@@ -499,17 +499,7 @@ class Predictor:
         mixes = encode_batch(served, mixed, compensated) if mixed or compensated else [None] * len(keys)
         metrics.STAGE["compensation"].observe(time.perf_counter() - t0)
         out = []
-        if len(vocab):
-            top = probs.argmax(axis=1)
-            rows = np.round(probs, 6).tolist()
-        for i in range(len(keys)):
-            if len(vocab) and probs[i, top[i]] > 0:
-                label: str | None = vocab[top[i]]
-                scores = dict(
-                    sorted(((vocab[j], p) for j, p in enumerate(rows[i]) if p > 0), key=lambda kv: -kv[1])
-                )
-            else:
-                label, scores = None, {}
+        for i, (label, scores) in enumerate(ranked(vocab, probs, len(keys))):
             out.append(
                 Prediction(
                     domain=domain,
@@ -534,6 +524,24 @@ class Predictor:
         z -= z.max(axis=1, keepdims=True)
         probs = np.exp(z)
         return vocab, probs / probs.sum(axis=1, keepdims=True)
+
+
+def ranked(vocab: list[str], probs: np.ndarray, rows: int) -> list[tuple[str | None, dict[str, float]]]:
+    """Each row's label (its most probable) and scores: rounded to 6 places, highest first, ties in
+    vocabulary order, zeros left out; (None, {}) for a row with nothing probable. One sort per batch."""
+    if not len(vocab):
+        return [(None, {})] * rows
+    top = probs.argmax(axis=1)
+    answered = (probs[np.arange(rows), top] > 0).tolist()
+    rounded = np.round(probs, 6)
+    order = np.argsort(-rounded, axis=1, kind="stable").tolist()
+    out: list[tuple[str | None, dict[str, float]]] = []
+    for i, row in enumerate(rounded.tolist()):
+        if answered[i]:
+            out.append((vocab[top[i]], {vocab[j]: row[j] for j in order[i] if row[j] > 0}))
+        else:
+            out.append((None, {}))
+    return out
 
 
 DEFAULT_MEMORY_WEIGHT = 0.5

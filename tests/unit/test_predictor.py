@@ -13,7 +13,7 @@ from serving.artifacts import load_artifact
 from serving.compensator import CompensationConfig
 from serving.memory import InProcessMemory
 from serving.mixing import ServedMix
-from serving.predictor import AdapterCachePolicy, Predictor, RetrievalConfig, adapter_name
+from serving.predictor import AdapterCachePolicy, Predictor, RetrievalConfig, adapter_name, ranked
 from streams.redis_store import MemoryEntry
 from streams.schemas import ArtifactManifest
 
@@ -353,3 +353,30 @@ def test_a_learned_compensation_scale_damps_mere_neighbours_never_near_duplicate
     predictor.memory.add([entry(500, 0.99, "refund")])  # a near-duplicate keeps the full blend
     (fixed,) = predictor.predict(["where is my parcel"], ["d"])
     assert fixed.blend == pytest.approx(0.9) and fixed.label == "refund"
+
+
+def test_scores_are_ranked_highest_first_with_ties_in_vocabulary_order():
+    vocab = ["a", "b", "c", "d"]
+    probs = np.array(
+        [
+            [0.1, 0.4, 0.1, 0.4],  # ties: vocabulary order
+            [0.0, 0.0, 1.0, 0.0],  # zeros left out
+            [0.0, 0.0, 0.0, 0.0],  # nothing probable: no label
+            [0.25000001, 0.25, 0.2, 0.3],  # equal once rounded to 6 places
+        ]
+    )
+    assert ranked(vocab, probs, 4) == [
+        ("b", {"b": 0.4, "d": 0.4, "a": 0.1, "c": 0.1}),
+        ("c", {"c": 1.0}),
+        (None, {}),
+        ("d", {"d": 0.3, "a": 0.25, "b": 0.25, "c": 0.2}),
+    ]
+    orders = [list(s) for _, s in ranked(vocab, probs, 4)]  # dict equality above ignores the order
+    assert orders == [["b", "d", "a", "c"], ["c"], [], ["d", "a", "b", "c"]]
+    assert ranked([], np.zeros((2, 0)), 2) == [(None, {}), (None, {})]
+    rng = np.random.default_rng(0)
+    many = np.round(rng.dirichlet(np.ones(12), size=50), 2)  # many ties
+    labels = [f"l{j}" for j in range(12)]
+    for (label, scores), row in zip(ranked(labels, many, 50), many.tolist(), strict=True):
+        expect = sorted(((labels[j], p) for j, p in enumerate(row) if p > 0), key=lambda kv: -kv[1])
+        assert list(scores.items()) == expect and label == labels[int(np.argmax(row))]
