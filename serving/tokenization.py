@@ -122,7 +122,7 @@ class PlainWordPiece:
     # BERT's pre-tokenizer on plain ASCII: runs of letters and digits, and each other visible character
     # alone (every ASCII character that is not alphanumeric or a space is punctuation to BERT).
     _WORDS = re.compile(r"[A-Za-z0-9]+|[^A-Za-z0-9\s]")
-    MAX_TOKENS = 100_000  # cached tokens; the cache starts over past this
+    MAX_TOKENS = 65_536  # cached tokens (~290 bytes each: ~19 MB at most); the cache starts over past this
     MAX_CACHED_CHARS = 64  # longer tokens are split each time (they are rare and would bloat the cache)
 
     def __init__(self, backend: Tokenizer, max_length: int, lowercase: bool) -> None:
