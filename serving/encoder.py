@@ -32,11 +32,16 @@ class TextEncoder(Protocol):
     def encode(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
+# How a replica waits for its GPU work: True sleeps the thread on a blocking-sync event, False spins a core
+# (CUDA's default). ``ops.bench.gpu`` times both (replica configurations ending in ``/spin``).
+BLOCKING_SYNC = True
+
+
 def to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
     """Tensors as numpy arrays. On a GPU the wait is a blocking-sync event: the thread sleeps until the
     kernels are done, where a plain ``.cpu()`` spins a core (CUDA's default while a process has fewer
     contexts than cores). Replica processes sharing a GPU need those cores for tokenization."""
-    if tensors and tensors[0].is_cuda:
+    if tensors and tensors[0].is_cuda and BLOCKING_SYNC:
         done = torch.cuda.Event(blocking=True)
         done.record()
         done.synchronize()

@@ -16,7 +16,7 @@ The raw forward is timed before the replicas (in a child process) and after them
 ratios divide by the highest of these rates, the strictest bar. It has varied from 48k to 73k sequences/s
 on H100s here, more than the serving rates did.
 
-Usage: python -m ops.bench.gpu --model-path DIR --out DIR [--replicas 24 mps:24] [--only-replicas]
+Usage: python -m ops.bench.gpu --model-path DIR --out DIR [--replicas 24 24/spin mps:24] [--only-replicas]
 (each replica count takes ~75 s: 24 processes import torch and build the memory)
 """
 
@@ -104,12 +104,18 @@ def _predictor(model_path: str, batch: int, memory_entries: int, device: str = "
     return Predictor(encoder, memory, CompensationConfig()), encoder, memory, keys, entries
 
 
-def _replica(model_path, batch, memory_entries, seconds, threads, barrier, out, device="cuda", in_flight=1):
+def _replica(
+    model_path, batch, memory_entries, seconds, threads, barrier, out, device="cuda", in_flight=1, spin=False
+):
     """One serving replica process sharing the GPU (as Serve places replicas with fractional GPUs):
     predicts fresh batches of texts for ``seconds`` after every replica is ready, ``in_flight`` batches
-    at a time (the deployment's ``max_concurrent_batches``: one tokenizes while another waits on the GPU)."""
+    at a time (the deployment's ``max_concurrent_batches``: one tokenizes while another waits on the GPU).
+    ``spin``: wait for the GPU as CUDA does by default instead of on a blocking-sync event."""
     import threading
 
+    import serving.encoder
+
+    serving.encoder.BLOCKING_SYNC = not spin
     torch.set_num_threads(threads)
     predictor, *_ = _predictor(model_path, batch, memory_entries, device)
     texts = _texts(model_path, batch * 16, words=140, seed=11)
@@ -143,6 +149,7 @@ def serving_replicas(
     device: str = "cuda",
     extra_env: dict[str, str] | None = None,
     in_flight: int = 1,
+    spin: bool = False,
 ) -> dict:
     """Aggregate predictions/s of ``replicas`` processes on one GPU, the CPU cores split between them
     (tokenization is CPU work: one process cannot keep the GPU busy). ``extra_env`` reaches the replica
@@ -166,7 +173,7 @@ def serving_replicas(
     procs = [
         ctx.Process(
             target=_replica,
-            args=(model_path, batch, memory_entries, seconds, threads, barrier, out, device, in_flight),
+            args=(model_path, batch, memory_entries, seconds, threads, barrier, out, device, in_flight, spin),
         )
         for _ in range(replicas)
     ]
@@ -196,6 +203,7 @@ def serving_replicas(
     return {
         "replicas": replicas,
         "in_flight": in_flight,
+        "spin": spin,
         "mps": bool(extra_env and "CUDA_MPS_PIPE_DIRECTORY" in extra_env),
         "threads_per_replica": threads,
         "seq_per_s": sum(n / t for n, t in results),
@@ -245,30 +253,40 @@ class MPS:
         time.sleep(2)  # the server exits after its last client
 
 
+def parse_replicas(config: str) -> tuple[bool, int, int, bool]:
+    """``[mps:]N[xK][/spin]`` -> (through MPS, N replicas, K batches in flight each, spin-wait)."""
+    import re
+
+    match = re.fullmatch(r"(mps:)?(\d+)(?:x(\d+))?(/spin)?", config)
+    if match is None:
+        raise ValueError(f"replica configuration {config!r} is not [mps:]N[xK][/spin]")
+    mps, n, k, spin = match.groups()
+    return mps is not None, int(n), int(k or 1), spin is not None
+
+
 def replica_sweep(model_path: str, memory_entries: int, configs: list[str], seconds: float) -> dict:
     """Replica processes sharing the GPU, per config ``N``, ``NxK`` (K batches in flight per replica),
-    ``mps:N`` or ``mps:NxK`` (through MPS). Runs before this process touches CUDA, so the MPS server
-    never shares the GPU with a context of its own."""
-    parsed = []
-    for config in configs:
-        mps, _, spec = config.rpartition(":")
-        n, _, k = spec.partition("x")
-        parsed.append((mps == "mps", int(n), int(k or 1)))
+    ``mps:N`` or ``mps:NxK`` (through MPS), each optionally ``/spin`` (CUDA's spinning wait instead of
+    the blocking-sync event). Runs before this process touches CUDA, so the MPS server never shares the
+    GPU with a context of its own."""
+    parsed = [parse_replicas(c) for c in configs]
     sweep: dict = {"runs": []}
 
-    def run(env: dict[str, str] | None, n: int, k: int) -> None:
+    def run(env: dict[str, str] | None, n: int, k: int, spin: bool) -> None:
         sweep["runs"].append(
-            serving_replicas(model_path, 256, memory_entries, n, seconds, extra_env=env, in_flight=k)
+            serving_replicas(
+                model_path, 256, memory_entries, n, seconds, extra_env=env, in_flight=k, spin=spin
+            )
         )
         print(json.dumps(sweep["runs"][-1]), flush=True)
 
-    for _, n, k in [c for c in parsed if not c[0]]:
-        run(None, n, k)
+    for _, n, k, spin in [c for c in parsed if not c[0]]:
+        run(None, n, k, spin)
     if any(c[0] for c in parsed):
         try:
             with MPS() as mps:
-                for _, n, k in [c for c in parsed if c[0]]:
-                    run(mps.env, n, k)
+                for _, n, k, spin in [c for c in parsed if c[0]]:
+                    run(mps.env, n, k, spin)
         except Exception as exc:  # no MPS on this machine: the time-sliced figures stand alone
             sweep["mps_error"] = f"{type(exc).__name__}: {exc}"
     return sweep
@@ -403,6 +421,8 @@ def markdown(r: dict) -> str:
         name = f"{run['replicas']} replicas" + (" via MPS" if run["mps"] else " time-sliced")
         if run.get("in_flight", 1) > 1:
             name += f", {run['in_flight']} batches in flight each"
+        if run.get("spin"):
+            name += ", spinning waits"
         ratio = run["seq_per_s"] / raw
         lines.append(
             f"| {name} | {run['seq_per_s']:,.0f} | {ratio:.1%} | {'met' if ratio >= 0.5 else 'missed'} |"
@@ -430,7 +450,9 @@ def plot(r: dict, path: Path) -> None:
     raw = r["raw_forward_seq_per_s"]
     names, rates = ["raw forward"], [raw]
     for run in r.get("serving_replicas", []):
-        suffix = f"x{run['in_flight']}" if run.get("in_flight", 1) > 1 else ""
+        suffix = (f"x{run['in_flight']}" if run.get("in_flight", 1) > 1 else "") + (
+            "/spin" if run.get("spin") else ""
+        )
         names.append(f"{'MPS' if run['mps'] else 'sliced'} {run['replicas']}{suffix}")
         rates.append(run["seq_per_s"])
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names)), 4))
@@ -458,8 +480,9 @@ def main() -> None:
     parser.add_argument(
         "--replicas",
         nargs="*",
-        default=["24", "mps:24"],
-        help="replica processes sharing the GPU: N, NxK (K batches in flight each), mps:N, mps:NxK",
+        default=["24", "24/spin", "mps:24", "mps:24/spin"],
+        help="replica processes sharing the GPU: N, NxK (K batches in flight each), mps:N, mps:NxK; "
+        "/spin after any of them: CUDA's spinning wait instead of the blocking-sync event",
     )
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per replica count")
     parser.add_argument(

@@ -53,3 +53,24 @@ def test_bench_texts_are_seeded_words_of_the_models_vocabulary(tiny_model_dir):
     words = [w for t in texts for w in t.split(" ")]
     assert len(words) == 50 * 7
     assert all(w in vocab and w.isalpha() and len(w) >= 4 for w in words)
+
+
+def test_replica_configurations_parse_and_refuse_typos():
+    assert gpu.parse_replicas("24") == (False, 24, 1, False)
+    assert gpu.parse_replicas("mps:16x2") == (True, 16, 2, False)
+    assert gpu.parse_replicas("mps:24/spin") == (True, 24, 1, True)
+    assert gpu.parse_replicas("8x3/spin") == (False, 8, 3, True)
+    for bad in ("24/block", "msp:24", "24x", "x2", ""):
+        with pytest.raises(ValueError):
+            gpu.parse_replicas(bad)
+
+
+def test_spinning_replicas_are_named_in_the_report(tmp_path):
+    r = _result()
+    r["serving_replicas"].append(
+        {"replicas": 24, "in_flight": 1, "mps": True, "spin": True, "seq_per_s": 35_000.0}
+    )
+    gpu.write(r, tmp_path)
+    assert (
+        "| 24 replicas via MPS, spinning waits | 35,000 | 50.0% | met |" in (tmp_path / "gpu.md").read_text()
+    )
