@@ -26,7 +26,7 @@ from learners.buffer import Example, ReplayBuffers
 from learners.drift import DriftMonitor
 from learners.evaluation import evaluate_candidate
 from learners.interpolation import choose_alpha_on
-from learners.trainer import TrainConfig, replay_mix, train_adapter
+from learners.trainer import TrainConfig, TrainingInterrupted, replay_mix, train_adapter
 from serving import metrics
 from serving.artifacts import Artifact, load_artifact
 from serving.compensator import CompensationConfig
@@ -100,6 +100,7 @@ class Learner:
         self._lock = threading.Lock()  # guards unlearn, _state and _queued between poll thread and worker
         self._queued: set[str] = set()
         self._jobs: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self._stop: threading.Event | None = None  # set by run(): a shutdown interrupts a training run
 
     # -- triggers ---------------------------------------------------------------------------------------
     def _enough(self, examples: list[Example]) -> bool:
@@ -194,7 +195,10 @@ class Learner:
             [e.label for e in train],
             self.train_cfg,
             parent=None if unlearning else parent,
+            should_stop=self._stop.is_set if self._stop is not None else None,
         )
+        if self._stop is not None and self._stop.is_set():  # trained to the end as the shutdown came
+            raise TrainingInterrupted("stopped before evaluation")
         alpha = None
         if parent is not None and not unlearning:
             alpha = choose_alpha_on(self.encoder, trained, parent, hold, self.train_cfg.interpolation_grid)
@@ -358,6 +362,9 @@ class Learner:
             domain, reason = item
             try:
                 self.train_domain(domain, reason)
+            except TrainingInterrupted as exc:  # shutting down: the domain stays due for the next start
+                metrics.LEARNER_RUNS.labels("interrupted").inc()
+                log.info("training %s interrupted by shutdown (%s)", domain, exc)
             except Exception:
                 metrics.LEARNER_RUNS.labels("failed").inc()
                 log.exception("training %s failed", domain)
@@ -385,6 +392,7 @@ class Learner:
         return queued
 
     def run(self, stop: threading.Event, on_ready=None) -> None:
+        self._stop = stop
         consumer = make_consumer(
             self.kafka, self.kafka.group(GROUP_ROLE), [self.kafka.feedback_topic, self.kafka.forget_topic]
         )

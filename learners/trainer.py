@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -174,14 +174,21 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+class TrainingInterrupted(Exception):
+    """``should_stop`` asked a run to end (the process is shutting down): nothing was produced."""
+
+
 def train_adapter(
     encoder: Encoder,
     texts: Sequence[str],
     labels: Sequence[str],
     cfg: TrainConfig,
     parent: Artifact | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainedAdapter:
-    """Train on (texts, labels); ``encoder`` gives tokenizer, pooling and base embeddings, unmodified."""
+    """Train on (texts, labels); ``encoder`` gives tokenizer, pooling and base embeddings, unmodified.
+    ``should_stop`` is asked before every step; when it answers True the run raises
+    ``TrainingInterrupted`` instead of finishing (a shutdown need not wait for minutes of CPU training)."""
     if len(texts) != len(labels) or not texts:
         raise ValueError("need equally many texts and labels, at least one")
     torch.manual_seed(cfg.seed)
@@ -277,6 +284,8 @@ def train_adapter(
         for idx, batch in _prefetched(batches(order, cfg.batch_size)):
             if step >= total:
                 break
+            if should_stop is not None and should_stop():
+                raise TrainingInterrupted(f"stopped after {step} of {total} steps")
             with torch.autocast(device_type=encoder.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = model(**batch)
             emb = encoder.pool(out.last_hidden_state.float(), batch["attention_mask"])

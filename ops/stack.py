@@ -120,6 +120,23 @@ def redis_binary(settings: Settings) -> str:
     return path
 
 
+INFRASTRUCTURE = frozenset({"redis", "tansu"})  # stopped after the services that use them
+
+
+def _terminate(procs: list[tuple[str, subprocess.Popen]], seconds: float) -> None:
+    """SIGTERM each (last started first), wait up to ``seconds`` for all of them, then SIGKILL the rest."""
+    for _name, proc in reversed(procs):
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + seconds
+    for _name, proc in reversed(procs):
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class EmbeddedStack:
     def __init__(self, settings: Settings, *, learner: bool | None = None, announce=print) -> None:
         self.settings = settings
@@ -305,16 +322,12 @@ class EmbeddedStack:
             with contextlib.suppress(Exception):
                 ray.shutdown()
             self._ray_started = False
-        for _name, proc in reversed(self._procs):
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + 15
-        for _name, proc in reversed(self._procs):
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        # Services first, then what they write to: a learner or writer finishing its batch on SIGTERM
+        # still reaches Redis and the broker (stopped together, they failed mid-write and logged errors).
+        services = [(n, p) for n, p in self._procs if n not in INFRASTRUCTURE]
+        infrastructure = [(n, p) for n, p in self._procs if n in INFRASTRUCTURE]
+        for group in (services, infrastructure):
+            _terminate(group, seconds=15)
         self._procs.clear()
 
     def __enter__(self) -> EmbeddedStack:

@@ -86,7 +86,7 @@ CONSUMER_RETRIES = Counter("driftserve_consumer_retries_total", "batches rewound
 FEEDBACK_PRODUCED = Counter("driftserve_feedback_produced_total", "feedback accepted over HTTP", ["outcome"])
 LEARNER_RUNS = Counter(
     "driftserve_learner_runs_total", "training runs", ["outcome"]
-)  # promoted|rejected|failed
+)  # submitted|discarded|failed|interrupted
 LEARNER_REEVALUATIONS = Counter(
     "driftserve_learner_reevaluations_total",
     "candidates evaluated again because another version was promoted while they trained",

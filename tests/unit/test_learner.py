@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from learners import service
 from learners.drift import DriftMonitor, PageHinkley
 from learners.service import Learner, LearnerPolicy
-from learners.trainer import TrainConfig, train_adapter
+from learners.trainer import TrainConfig, TrainingInterrupted, train_adapter
 from serving.compensator import CompensationConfig
 from serving.memory import InProcessMemory
 from streams.kafka_io import KafkaConfig
@@ -203,6 +203,56 @@ def test_a_forget_during_training_discards_the_candidate(learner, monkeypatch):
     assert not report.submitted and report.reason == "forget arrived during training"
     assert learner.registry.submitted == [] and "d" in learner.unlearn
     assert not [p for p in (learner.artifacts_dir / "d").iterdir() if not p.name.startswith(".")]
+
+
+def _published(lrn: Learner, domain: str) -> list[str]:
+    """Artifact folders of ``domain`` (staging folders start with a dot)."""
+    folder = lrn.artifacts_dir / domain
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else []
+
+
+def test_a_shutdown_interrupts_the_training_run_and_the_domain_stays_due(learner, monkeypatch):
+    _feed(learner, _events(24))
+    stop = threading.Event()
+    learner._stop = stop  # as run() sets it
+    asked = []
+
+    def stop_after_two_steps() -> bool:
+        asked.append(1)
+        if len(asked) > 2:
+            stop.set()
+        return stop.is_set()
+
+    real = service.train_adapter
+
+    def train(*args, **kwargs):
+        assert kwargs["should_stop"] == stop.is_set  # the service hands its shutdown event to the trainer
+        return real(*args, **{**kwargs, "should_stop": stop_after_two_steps})
+
+    monkeypatch.setattr(service, "train_adapter", train)
+    learner._jobs.put(("d", "test"))
+    learner._jobs.put(None)
+    learner._work(threading.Event())  # the worker survives the interruption and takes the next job
+    assert len(asked) == 3  # asked before each step: stopped before the third of three
+    assert learner.registry.submitted == [] and _published(learner, "d") == []
+    assert learner.buffers.new_since_train("d") == 24  # not marked trained: due again on the next start
+    assert "d" not in learner._attempted
+
+
+def test_a_run_that_finishes_training_as_the_shutdown_comes_is_not_evaluated(learner, monkeypatch):
+    _feed(learner, _events(24))
+    learner._stop = stop = threading.Event()
+    real = service.train_adapter
+
+    def train_then_stop(*args, **kwargs):
+        out = real(*args, **kwargs)
+        stop.set()
+        return out
+
+    monkeypatch.setattr(service, "train_adapter", train_then_stop)
+    with pytest.raises(TrainingInterrupted, match="before evaluation"):
+        learner.train_domain("d")
+    assert learner.registry.submitted == [] and _published(learner, "d") == []
 
 
 # -- unlearning -----------------------------------------------------------------------------------------

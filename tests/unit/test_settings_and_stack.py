@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 
 import pytest
 from pydantic import ValidationError
@@ -83,3 +84,52 @@ def test_host_port_parsing():
     assert stack.host_port("127.0.0.1:19092", 9092) == ("127.0.0.1", 19092)
     assert stack.host_port("redis://127.0.0.1:16379/0", 6379) == ("127.0.0.1", 16379)
     assert stack.host_port("redis://localhost/0", 6379) == ("localhost", 6379)
+
+
+class _Proc:
+    """A stand-in child process that records what is done to it."""
+
+    def __init__(self, name: str, events: list[str], exits_on_term: bool = True) -> None:
+        self.name, self.events, self.exits_on_term, self.code = name, events, exits_on_term, None
+
+    def poll(self):
+        return self.code
+
+    def terminate(self) -> None:
+        self.events.append(f"term {self.name}")
+        if self.exits_on_term:
+            self.code = 0
+
+    def wait(self, timeout=None):
+        if self.code is None:
+            raise subprocess.TimeoutExpired(self.name, timeout)
+        self.events.append(f"exited {self.name}")
+        return self.code
+
+    def kill(self) -> None:
+        self.events.append(f"kill {self.name}")
+        self.code = -9
+
+
+def test_the_stack_stops_its_services_before_redis_and_the_broker():
+    events: list[str] = []
+    embedded = object.__new__(stack.EmbeddedStack)
+    embedded._ray_started = False
+    names = ["tansu", "redis", "memory-writer", "learner", "rollout-controller"]
+    # The learner ignores SIGTERM here (its wait times out at once): it is killed, and only then Redis goes.
+    embedded._procs = [(n, _Proc(n, events, exits_on_term=n != "learner")) for n in names]
+    embedded.stop()
+    assert events == [
+        "term rollout-controller",
+        "term learner",
+        "term memory-writer",
+        "exited rollout-controller",
+        "kill learner",  # did not exit in time: killed before Redis goes
+        "exited learner",
+        "exited memory-writer",
+        "term redis",
+        "term tansu",
+        "exited redis",
+        "exited tansu",
+    ]
+    assert embedded._procs == []
