@@ -8,7 +8,8 @@ poll loop keeps polling and committing (a training run may take longer than ``ma
 Triggers, per domain (``due``): no adapter yet and enough data; ``retrain_every`` new labels; a drift alarm
 (Page-Hinkley on a proxy's prequential error, ``learners.drift``) after at least ``min_new_after_drift``
 new labels; a schedule (``max_interval_s`` since the last run, if anything new arrived); and a forget
-event that touched data the adapter saw (retrained from scratch without it).
+event that touched data the adapter saw (retrained from scratch without it). Apart from a forget, a domain
+whose last candidate is still queued or rolling out waits for the decision (``max_rollout_wait_s``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ class LearnerPolicy:
     holdout_frac: float = 0.2
     min_new_after_drift: int = 16
     max_interval_s: float | None = 3600.0
+    # While this learner's last candidate of a domain is with the rollout controller (queued, shadow or
+    # canary), the next run waits for it, up to this long: then it continues from what the rollout
+    # promoted (replay share, distillation toward it) instead of training beside it from an outdated
+    # parent. 0: never wait.
+    max_rollout_wait_s: float = 600.0
+
+
+ROLLOUT_PENDING = frozenset({"candidate", "shadow", "canary"})  # registry states before a decision
 
 
 @dataclass
@@ -59,6 +68,7 @@ class _DomainState:
     drift: DriftMonitor = field(default_factory=DriftMonitor)
     drifted: bool = False
     last_run: float = field(default_factory=time.monotonic)
+    pending: tuple[str, float] | None = None  # (version, monotonic time) of the last candidate submitted
 
 
 @dataclass(frozen=True)
@@ -134,6 +144,8 @@ class Learner:
             return "retrained without forgotten data"
         if not self._enough(examples):
             return None
+        if self._awaiting_rollout(domain, st):
+            return None
         new = self.buffers.new_since_train(domain)
         if new >= self.policy.retrain_every:
             return "new labels"
@@ -147,6 +159,19 @@ class Learner:
         if interval is not None and new > 0 and time.monotonic() - st.last_run >= interval:
             return "schedule"
         return None
+
+    def _awaiting_rollout(self, domain: str, st: _DomainState) -> bool:
+        """Whether this process's last candidate of ``domain`` is still queued or rolling out, for at
+        most ``policy.max_rollout_wait_s`` since it was submitted (see ``LearnerPolicy``)."""
+        if st.pending is None:
+            return False
+        version, since = st.pending
+        if time.monotonic() - since < self.policy.max_rollout_wait_s:
+            record = self.registry.get(domain, version)
+            if record is not None and record.state in ROLLOUT_PENDING:
+                return True
+        st.pending = None
+        return False
 
     def due(self, domain: str) -> bool:
         return self.trigger(domain) is not None
@@ -263,6 +288,7 @@ class Learner:
         self.buffers.mark_trained(domain, consumed)
         with self._lock:
             self._attempted.add(domain)
+            st.pending = (version, time.monotonic())
             if self.buffers.generation(domain) == generation:
                 self.unlearn.discard(domain)
         metrics.LEARNER_RUNS.labels("submitted").inc()

@@ -107,6 +107,12 @@ class Settings(BaseSettings):
         3, ge=1, description="passes over the training set of a run continued from the domain's adapter"
     )
     learner_max_steps: int = Field(300, ge=1)
+    learner_max_rollout_wait_s: float = Field(
+        600.0,
+        ge=0,
+        description="while a domain's last candidate is queued, in shadow or in canary, its next run waits "
+        "up to this long, then continues from what was promoted (0: never wait)",
+    )
     learner_batch_size: int = Field(16, ge=1)
     learner_holdout_frac: float = Field(0.2, ge=0, lt=1)
     learner_guard: bool = Field(

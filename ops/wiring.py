@@ -86,6 +86,7 @@ def learner(settings: Settings) -> Learner:
             min_examples=settings.learner_min_examples,
             retrain_every=settings.learner_retrain_every,
             holdout_frac=settings.learner_holdout_frac,
+            max_rollout_wait_s=settings.learner_max_rollout_wait_s,
         ),
         comp=settings.compensation(),
     )

@@ -55,6 +55,9 @@ class FakeRegistry:
     def withdraw(self, domain, *, actor, reason):
         self.active_versions.pop(domain, None)
 
+    def get(self, domain, version):
+        return None  # no rollout states here: a submitted candidate never holds the next run back
+
 
 class FakeMemoryLog:
     def __init__(self, encoder) -> None:
@@ -399,3 +402,37 @@ def test_a_run_outlived_by_its_parent_is_evaluated_again_against_what_is_served(
     assert serving_metrics.LEARNER_REEVALUATIONS._value.get() == before + 1
     manifest = json.loads((learner.artifacts_dir / "d" / third.version / "manifest.json").read_text())
     assert manifest["parent"] == first.version  # the lineage is what it was trained from
+
+
+class _Record:
+    def __init__(self, state: str) -> None:
+        self.state = state
+
+
+def test_the_next_run_waits_for_the_last_candidates_rollout_within_a_bound(learner, monkeypatch):
+    _feed(learner, _events(24))
+    first = learner.train_domain("d")
+    assert first.submitted
+    states = {first.version: "candidate"}
+    learner.registry.get = lambda domain, version: _Record(states[version]) if version in states else None
+    _feed(learner, _events(16, start=24))  # retrain_every (16) new labels
+    for state in ("candidate", "shadow", "canary"):
+        states[first.version] = state
+        assert learner.trigger("d") is None  # waits for the controller's decision
+    states[first.version] = "promoted"
+    assert learner.trigger("d") == "new labels"
+    # A rollout that outlasts the bound stops holding the learner back.
+    learner.train_domain("d")
+    second = learner._domain("d").pending[0]
+    states[second] = "canary"
+    _feed(learner, _events(16, start=40))
+    assert learner.trigger("d") is None
+    version, since = learner._domain("d").pending
+    learner._domain("d").pending = (version, since - learner.policy.max_rollout_wait_s)
+    assert learner.trigger("d") == "new labels"
+    # A forget never waits.
+    learner.train_domain("d")
+    states[learner._domain("d").pending[0]] = "shadow"
+    learner.registry.active_versions["d"] = first.version
+    learner.apply(_records(learner, [ForgetEvent(forget_id="f", event_ids=("e3",))]))
+    assert learner.trigger("d") == "retrained without forgotten data"

@@ -245,6 +245,7 @@ float64 and would print 1000000 as 1e+06. Secrets are not here: see driftserve.s
 {{- $_ := set $s "learner_max_steps" (int64 $v.learner.maxSteps | toString) }}
 {{- $_ := set $s "learner_batch_size" (int64 $v.learner.batchSize | toString) }}
 {{- $_ := set $s "learner_holdout_frac" (float64 $v.learner.holdoutFrac | toString) }}
+{{- $_ := set $s "learner_max_rollout_wait_s" (float64 $v.learner.maxRolloutWaitS | toString) }}
 {{- $_ := set $s "learner_guard" (toString $v.learner.guard) }}
 {{- else if eq .role "rollout-controller" }}
 {{- $_ := set $s "device" "cpu" }}
