@@ -36,6 +36,12 @@ _ASCII_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 Encode = Callable[[list[str]], list[Encoding]]
 
 
+def _plain_ascii(text: str) -> bool:
+    """ASCII without the control characters BERT's cleaning removes (``isprintable`` rules out every
+    control character at once; only a text with \t, \n or \r needs the closer look)."""
+    return text.isascii() and (text.isprintable() or not _ASCII_CONTROL.search(text))
+
+
 def _encode_batch(tokenizer: Tokenizer) -> Encode:
     """The Rust batch encoder, without character offsets where the tokenizers release has that."""
     return getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
@@ -129,7 +135,6 @@ class PlainWordPiece:
         self._model = backend.model
         self._lowercase = lowercase
         self._cache: dict[str, tuple[int, ...]] = {}
-        self.limit = max_length  # while the specials are probed (a cached token keeps >= limit ids)
         self.prefix, self.suffix = self._specials(backend)
         self.limit = max_length - len(self.suffix)  # ids before the suffix, the prefix included
         added = [t for t in json.loads(backend.to_str()).get("added_tokens") or [] if t.get("content")]
@@ -159,7 +164,8 @@ class PlainWordPiece:
         probe.no_padding()
         empty = list(probe.encode("").ids)
         for sample in ("hello", "Hello, world: 2 tests!"):
-            own = [i for token in sample.split() for i in self._token(token)]
+            words = self._WORDS.findall(sample.lower() if self._lowercase else sample)
+            own = [t.id for word in words for t in self._model.tokenize(word)]
             full = list(probe.encode(sample).ids)
             at = next((p for p in range(len(full) - len(own) + 1) if full[p : p + len(own)] == own), None)
             if not own or at is None or full[:at] + full[at + len(own) :] != empty:
@@ -186,9 +192,7 @@ class PlainWordPiece:
         return ids
 
     def plain(self, text: str) -> bool:
-        if not text.isascii():
-            return False
-        if not text.isprintable() and _ASCII_CONTROL.search(text):  # \t, \n and \r are only spaces
+        if not _plain_ascii(text):
             return False
         if any(c in text for c in self._added_firsts):
             if any(t in text for t in self._raw_added):
@@ -232,7 +236,7 @@ class FastTokenizer:
         """Plain texts through the lighter normalizer, the others through the tokenizer's own."""
         if self._plain is None:
             return self._full(texts)
-        plain = [i for i, t in enumerate(texts) if t.isascii() and not _ASCII_CONTROL.search(t)]
+        plain = [i for i, t in enumerate(texts) if _plain_ascii(t)]
         if len(plain) == len(texts):
             return self._plain(texts)
         out = self._full(texts) if not plain else [None] * len(texts)
@@ -275,12 +279,11 @@ class FastTokenizer:
         """(ids, mask) of rows padded to the longest."""
         lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
         width = int(lengths.max()) if len(rows) else 0
-        mask = (np.arange(width) < lengths[:, None]).astype(np.int64)
+        filled = np.arange(width) < lengths[:, None]
         ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-        ids[mask.astype(bool)] = np.fromiter(
-            itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum())
-        )
-        return ids, mask
+        flat = itertools.chain.from_iterable(rows)
+        ids[filled] = np.fromiter(flat, dtype=np.int64, count=int(lengths.sum()))
+        return ids, filled.astype(np.int64)
 
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         return self.pad(self.ids(texts))
