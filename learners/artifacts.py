@@ -127,7 +127,6 @@ def publish_trained(
     encoder,
     domain: str,
     trained,
-    cfg,
     parent: str | None = None,
     guard: Artifact | None = None,
 ):
@@ -142,7 +141,7 @@ def publish_trained(
         base_fingerprint=encoder.fingerprint,
         labels=trained.labels,
         files={},
-        lora={"r": cfg.r, "alpha": cfg.alpha, "target_modules": list(cfg.target_modules)},
+        lora=trained.lora_manifest(),
     )
     write = trained.write if guard is None else with_guard(trained.write, guard)
     path = publish(artifacts_root, manifest, write)

@@ -235,11 +235,7 @@ class Learner:
             base_fingerprint=self.encoder.fingerprint,
             labels=trained.labels,
             files={},
-            lora={
-                "r": self.train_cfg.r,
-                "alpha": self.train_cfg.alpha,
-                "target_modules": sorted(trained.model.peft_config["default"].target_modules),
-            },
+            lora=trained.lora_manifest(),
             data_window={
                 "n_train": len(train),
                 "n_holdout": len(hold),

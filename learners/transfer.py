@@ -45,7 +45,7 @@ from transformers import AutoModel
 from learners import artifacts
 from learners.buffer import Example
 from learners.evaluation import fit_compensation_floor, fit_memory_weight, memory_of, with_memory_weight
-from learners.trainer import TrainConfig, TrainedAdapter, lora_targets, make_optimizer, optimizer_step
+from learners.trainer import TrainConfig, TrainedAdapter, lora_config, make_optimizer, optimizer_step
 from serving.artifacts import ADAPTER_DIR, HEAD_FILE, Artifact, load_artifact
 from serving.compensator import CompensationConfig
 from serving.encoder import Encoder
@@ -158,10 +158,7 @@ def distil(
     torch.manual_seed(tc.seed)
     rng = random.Random(tc.seed)
     fresh = AutoModel.from_pretrained(encoder.model_path, dtype=torch.float32).to(encoder.device)
-    targets = lora_targets(fresh, tc.target_modules)
-    model = get_peft_model(
-        fresh, LoraConfig(r=tc.r, lora_alpha=tc.alpha, lora_dropout=tc.dropout, target_modules=targets)
-    )
+    model = get_peft_model(fresh, lora_config(fresh, tc))
     teacher_state = load_file(str(teacher.adapter_dir / "adapter_model.safetensors")) if teacher else {}
     warm = (
         teacher is not None
@@ -363,11 +360,7 @@ def publish_transfer(
         base_fingerprint=student_encoder.fingerprint,
         labels=result.trained.labels,
         files={},
-        lora={
-            "r": cfg.train.r,
-            "alpha": cfg.train.alpha,
-            "target_modules": sorted(result.trained.model.peft_config["default"].target_modules),
-        },
+        lora=result.trained.lora_manifest(),
         data_window={
             "transfer_from": m.base_fingerprint,
             "n_train": result.n_train,
@@ -430,4 +423,9 @@ def _lora_kwargs(artifact: Artifact) -> dict:
     import json
 
     cfg = json.loads((artifact.adapter_dir / "adapter_config.json").read_text())
-    return {"r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "target_modules": list(cfg["target_modules"])}
+    return {
+        "r": cfg["r"],
+        "lora_alpha": cfg["lora_alpha"],
+        "target_modules": list(cfg["target_modules"]),
+        "layers_to_transform": cfg.get("layers_to_transform"),
+    }

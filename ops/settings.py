@@ -102,9 +102,18 @@ class Settings(BaseSettings):
         32, ge=2, description="labelled examples before a domain's first adapter"
     )
     learner_retrain_every: int = Field(64, ge=1, description="new examples that trigger another training")
-    learner_epochs: int = Field(3, ge=1)
+    learner_epochs: int = Field(5, ge=1)
     learner_continued_epochs: int = Field(
-        3, ge=1, description="passes over the training set of a run continued from the domain's adapter"
+        5, ge=1, description="passes over the training set of a run continued from the domain's adapter"
+    )
+    learner_lora_layers: int = Field(
+        3,
+        ge=0,
+        description="LoRA in the top N transformer layers, the frozen ones below computed once per "
+        "run (0: every layer)",
+    )
+    learner_max_length: int = Field(
+        64, ge=0, description="tokens a training text is cut to; serving reads max_length (0: max_length too)"
     )
     learner_max_steps: int = Field(300, ge=1)
     learner_max_rollout_wait_s: float = Field(
@@ -252,6 +261,8 @@ class Settings(BaseSettings):
         return TrainConfig(
             epochs=self.learner_epochs,
             continued_epochs=self.learner_continued_epochs,
+            lora_layers=self.learner_lora_layers or None,
+            max_length=self.learner_max_length or None,
             max_steps=self.learner_max_steps,
             batch_size=self.learner_batch_size,
             guard=self.learner_guard,

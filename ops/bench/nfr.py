@@ -107,7 +107,7 @@ def _publish(
     parent: str | None,
     guard: Artifact | None = None,
 ) -> Artifact:
-    return artifacts.publish_trained(root, enc, domain, trained, cfg, parent, guard=guard)
+    return artifacts.publish_trained(root, enc, domain, trained, parent, guard=guard)
 
 
 def _answers(

@@ -203,7 +203,7 @@ def split(examples: list[Example], holdout_frac: float) -> tuple[list[Example], 
 
 def _teacher(enc: Encoder, domain: str, rows: list[Example], cfg: TrainConfig, root: Path) -> Artifact:
     trained = train_adapter(enc, [e.text for e in rows], [e.label for e in rows], cfg)
-    return artifacts.publish_trained(root, enc, domain, trained, cfg)
+    return artifacts.publish_trained(root, enc, domain, trained)
 
 
 def _fitted(enc: Encoder, comp: CompensationConfig, artifact: Artifact, train, hold) -> Artifact:

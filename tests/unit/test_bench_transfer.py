@@ -98,7 +98,7 @@ def test_uncalibrated_drops_the_fitted_values_under_another_version(tiny_encoder
     cfg = TrainConfig(epochs=1, batch_size=8, max_steps=2)
     trained = train_adapter(tiny_encoder, TEXTS, ["pos", "neg"] * 3, cfg)
     art = with_metrics(
-        artifacts.publish_trained(tmp_path, tiny_encoder, "food", trained, cfg),
+        artifacts.publish_trained(tmp_path, tiny_encoder, "food", trained),
         memory_weight=0.1,
         compensation_sim_low=0.8,
         holdout_accuracy=0.9,

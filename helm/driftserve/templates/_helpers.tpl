@@ -242,6 +242,8 @@ float64 and would print 1000000 as 1e+06. Secrets are not here: see driftserve.s
 {{- $_ := set $s "learner_retrain_every" (int64 $v.learner.retrainEvery | toString) }}
 {{- $_ := set $s "learner_epochs" (int64 $v.learner.epochs | toString) }}
 {{- $_ := set $s "learner_continued_epochs" (int64 $v.learner.continuedEpochs | toString) }}
+{{- $_ := set $s "learner_lora_layers" (int64 $v.learner.loraLayers | toString) }}
+{{- $_ := set $s "learner_max_length" (int64 $v.learner.maxLength | toString) }}
 {{- $_ := set $s "learner_max_steps" (int64 $v.learner.maxSteps | toString) }}
 {{- $_ := set $s "learner_batch_size" (int64 $v.learner.batchSize | toString) }}
 {{- $_ := set $s "learner_holdout_frac" (float64 $v.learner.holdoutFrac | toString) }}
