@@ -67,6 +67,35 @@ def flip_rates(old_correct: np.ndarray, new_correct: np.ndarray) -> tuple[float,
     return float(np.mean(old_correct & ~new_correct)), float(np.mean(~old_correct & new_correct))
 
 
+class MemoEncoder:
+    """An encoder that computes each (adapter, text) embedding once and then remembers it.
+
+    One evaluation reads the same held-out texts through the same versions several times (the memory
+    weight, the floor, both versions' predictions, the compatibility check); on a CPU shared with
+    serving those passes took as long as the training run itself. Adapter names carry the hash of the
+    LoRA weights (``adapter_name``), so a remembered embedding cannot belong to other weights. Everything
+    else is the wrapped encoder's. For one evaluation: it never forgets.
+    """
+
+    def __init__(self, encoder: Encoder) -> None:
+        self._encoder = encoder
+        self._seen: dict[tuple[str | None, str], np.ndarray] = {}
+        self.computed = 0  # texts the wrapped encoder embedded
+
+    def __getattr__(self, name: str):
+        return getattr(self._encoder, name)
+
+    def encode(self, texts: Sequence[str], adapter: str | None = None) -> np.ndarray:
+        missing = list(dict.fromkeys(t for t in texts if (adapter, t) not in self._seen))
+        if missing:
+            rows = self._encoder.encode(missing, adapter=adapter)
+            self._seen.update(((adapter, t), row) for t, row in zip(missing, rows, strict=True))
+            self.computed += len(missing)
+        if not len(texts):
+            return np.zeros((0, self._encoder.dim), dtype=np.float32)
+        return np.stack([self._seen[(adapter, t)] for t in texts])
+
+
 def _outcome(preds: Sequence[Prediction], truth: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     correct = np.array([p.label == t for p, t in zip(preds, truth, strict=True)], dtype=bool)
     confidence = np.array([p.scores.get(p.label, 0.0) if p.label else 0.0 for p in preds])
@@ -260,7 +289,7 @@ def evaluate_candidate(
         return {}
     memory = InProcessMemory(encoder.dim)
     memory.add(list(memory_entries))
-    predictor = Predictor(encoder, memory, comp)
+    predictor = Predictor(MemoEncoder(encoder), memory, comp)
     texts, truth = [e.text for e in hold], [e.label for e in hold]
     head, mem_vocab, mem = _scores(predictor, candidate, domain, texts)
     head_vocab = list(candidate.head.labels)

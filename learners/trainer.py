@@ -273,20 +273,23 @@ def train_adapter(
             yield idx, encoder.collate([token_ids[i] for i in idx])
 
     # Head initialisation: class means of base embeddings (of a sample: a mean needs no more), then the
-    # parent's rows where the parent has them.
+    # parent's rows where the parent has them (so only the labels it lacks need embeddings).
+    inherited = {label_list.index(lab) for lab in parent.head.labels} if parent is not None else set()
     sample = sorted(rng.sample(range(len(texts)), min(len(texts), HEAD_INIT_SAMPLE)))
-    with torch.inference_mode():
-        parts = []
-        for _, batch in batches(sample, max(encoder.batch_size, cfg.batch_size)):
-            with encoder.lock:
-                parts.append(encoder.forward(batch, None).float().cpu())
-        base = torch.cat(parts)
+    sample = [i for i in sample if int(y[i]) not in inherited]
     weight = torch.zeros(len(label_list), encoder.dim)
-    y_sample = y[sample]
-    for c in range(len(label_list)):
-        members = base[y_sample == c]
-        if len(members):
-            weight[c] = torch.nn.functional.normalize(members.mean(0), dim=0) * cfg.init_scale
+    if sample:
+        with torch.inference_mode():
+            parts = []
+            for _, batch in batches(sample, max(encoder.batch_size, cfg.batch_size)):
+                with encoder.lock:
+                    parts.append(encoder.forward(batch, None).float().cpu())
+            base = torch.cat(parts)
+        y_sample = y[sample]
+        for c in range(len(label_list)):
+            members = base[y_sample == c]
+            if len(members):
+                weight[c] = torch.nn.functional.normalize(members.mean(0), dim=0) * cfg.init_scale
     bias = torch.zeros(len(label_list))
     if parent is not None:
         for row, lab in enumerate(parent.head.labels):
@@ -307,7 +310,13 @@ def train_adapter(
     use_bf16 = encoder.device.type == "cuda"  # bf16 autocast on GPU, fp32 master weights
 
     # Frozen layers below the first adapted one: their outputs are computed once per text.
-    prefix = _FrozenPrefix.build(model, encoder, len(texts), tokenize, token_ids, use_bf16)
+    # Worth it when the run reads its texts more than once: the steps, and the parent's answers.
+    reads = _total_steps(cfg, len(texts), parent) * cfg.batch_size + (
+        len(texts) if _distils(cfg, parent) else 0
+    )
+    prefix = None
+    if reads > len(texts):
+        prefix = _FrozenPrefix.build(model, encoder, len(texts), tokenize, token_ids, use_bf16)
     if prefix is not None:
         prefix.fill(model, batches(range(len(texts)), 64))
 
@@ -324,6 +333,16 @@ def train_adapter(
         )
     model.eval()  # the whole model again, frozen layers included
     return trained
+
+
+def _total_steps(cfg: TrainConfig, n: int, parent: Artifact | None) -> int:
+    epochs = cfg.continued_epochs if parent is not None and cfg.continued_epochs is not None else cfg.epochs
+    return min(cfg.max_steps, epochs * math.ceil(n / cfg.batch_size))
+
+
+def _distils(cfg: TrainConfig, parent: Artifact | None) -> bool:
+    """Whether the run reads its parent's answers on the training data (the compatibility terms)."""
+    return parent is not None and (cfg.distill_weight > 0 or cfg.bct_weight > 0)
 
 
 def _train_loop(
@@ -347,7 +366,7 @@ def _train_loop(
     old_logits = old_head = None
     old_cols = torch.zeros(0, dtype=torch.long)
     parent_acc = None
-    if parent is not None and (cfg.distill_weight > 0 or cfg.bct_weight > 0):
+    if parent is not None and _distils(cfg, parent):
         old_cols = torch.tensor([label_list.index(lab) for lab in parent.head.labels], device=encoder.device)
         old_w = torch.from_numpy(parent.head.weight).float().to(encoder.device)
         old_b = torch.from_numpy(parent.head.bias).float().to(encoder.device)
@@ -370,9 +389,7 @@ def _train_loop(
     for j, c in enumerate(old_cols.tolist()):
         old_target[y == c] = j
     opt, base_lrs = make_optimizer(model, [head_w, head_b], cfg)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    epochs = cfg.continued_epochs if parent is not None and cfg.continued_epochs is not None else cfg.epochs
-    total = min(cfg.max_steps, epochs * steps_per_epoch)
+    total = _total_steps(cfg, n, parent)
     warmup = max(1, int(total * cfg.warmup_frac))
     model.train()
     step, last_loss = 0, torch.tensor(float("nan"))

@@ -28,7 +28,7 @@ TEXTS = [
     "nice " * 40,
 ] * 3
 LABELS = ["pos", "neg", "pos", "neg", "pos", "pos"] * 3
-CFG = TrainConfig(epochs=1, batch_size=4, max_steps=4, lora_layers=1, max_length=None)
+CFG = TrainConfig(epochs=1, batch_size=4, max_steps=5, lora_layers=1, max_length=None)  # 20 reads of 18 texts
 
 
 def _publish(tmp_path, encoder, trained, parent=None):
@@ -88,7 +88,7 @@ def test_a_top_layer_run_saves_an_adapter_that_serving_loads_and_continues_with_
     fills = []
     monkeypatch.setattr(trainer._FrozenPrefix, "fill", _spy(trainer._FrozenPrefix.fill, fills))
     trained = train_adapter(tiny_encoder, TEXTS, LABELS, CFG)
-    assert fills and trained.steps == 4 and np.isfinite(trained.final_loss)
+    assert fills and trained.steps == 5 and np.isfinite(trained.final_loss)
     # The returned model is whole, with LoRA weights in the top layer only.
     assert len(trained.model.get_base_model().encoder.layer) == 2
     assert not any(m.training for m in trained.model.modules())  # frozen layers and embeddings included
@@ -133,7 +133,16 @@ def test_rows_over_the_byte_budget_train_without_a_cache(tiny_encoder, monkeypat
     fills = []
     monkeypatch.setattr(trainer._FrozenPrefix, "fill", _spy(trainer._FrozenPrefix.fill, fills))
     trained = train_adapter(tiny_encoder, TEXTS, LABELS, CFG)
-    assert not fills and trained.steps == 4 and trained.lora_manifest()["layers"] == [1]
+    assert not fills and trained.steps == 5 and trained.lora_manifest()["layers"] == [1]
+
+
+def test_a_run_that_reads_its_texts_less_than_once_computes_no_rows(tiny_encoder, monkeypatch):
+    fills = []
+    monkeypatch.setattr(trainer._FrozenPrefix, "fill", _spy(trainer._FrozenPrefix.fill, fills))
+    trained = train_adapter(tiny_encoder, TEXTS, LABELS, replace(CFG, max_steps=4))  # 16 reads of 18
+    assert not fills and trained.steps == 4
+    train_adapter(tiny_encoder, TEXTS, LABELS, replace(CFG, max_steps=5))
+    assert fills
 
 
 def test_training_truncation_matches_the_tokenizers_and_keeps_the_closing_token():
@@ -177,3 +186,25 @@ def _spy(fn, calls: list):
         return fn(*args, **kwargs)
 
     return wrapped
+
+
+def test_a_continued_run_embeds_for_its_head_only_the_labels_its_parent_lacks(
+    tmp_path, tiny_encoder, monkeypatch
+):
+    parent = _publish(tmp_path, tiny_encoder, train_adapter(tiny_encoder, TEXTS, LABELS, CFG))
+    rows: list[int] = []
+    forward = type(tiny_encoder).forward
+
+    def counted(self, batch, adapter=None):
+        rows.append(len(batch["input_ids"]))
+        return forward(self, batch, adapter)
+
+    monkeypatch.setattr(type(tiny_encoder), "forward", counted)
+    child = train_adapter(tiny_encoder, TEXTS, LABELS, CFG, parent)
+    assert rows == [] and child.labels == ["neg", "pos"]  # both rows come from the parent
+    untrained = train_adapter(tiny_encoder, TEXTS, LABELS, replace(CFG, max_steps=0), parent)
+    np.testing.assert_array_equal(untrained.head_weight.numpy(), parent.head.weight)
+    child = train_adapter(
+        tiny_encoder, [*TEXTS, "meh", "so so"], [*LABELS, "neutral", "neutral"], CFG, parent
+    )
+    assert sum(rows) == 2 and child.labels == ["neg", "neutral", "pos"]  # the new label's two texts
