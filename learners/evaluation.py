@@ -25,12 +25,13 @@ held-out PFR - ``GUARD_NFR_COST`` * NFR against the parent, both served by the P
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
 
 from learners.buffer import Example
+from learners.trainer import TrainingInterrupted
 from serving.artifacts import Artifact
 from serving.compensator import CompensationConfig, compensate_batch
 from serving.encoder import Encoder
@@ -77,8 +78,11 @@ class MemoEncoder:
     else is the wrapped encoder's. For one evaluation: it never forgets.
     """
 
-    def __init__(self, encoder: Encoder) -> None:
+    CHUNK = 64  # texts embedded between two looks at ``should_stop``
+
+    def __init__(self, encoder: Encoder, should_stop: Callable[[], bool] | None = None) -> None:
         self._encoder = encoder
+        self._should_stop = should_stop
         self._seen: dict[tuple[str | None, str], np.ndarray] = {}
         self.computed = 0  # texts the wrapped encoder embedded
 
@@ -87,10 +91,13 @@ class MemoEncoder:
 
     def encode(self, texts: Sequence[str], adapter: str | None = None) -> np.ndarray:
         missing = list(dict.fromkeys(t for t in texts if (adapter, t) not in self._seen))
-        if missing:
-            rows = self._encoder.encode(missing, adapter=adapter)
-            self._seen.update(((adapter, t), row) for t, row in zip(missing, rows, strict=True))
-            self.computed += len(missing)
+        for start in range(0, len(missing), self.CHUNK):
+            if self._should_stop is not None and self._should_stop():
+                raise TrainingInterrupted("stopped during evaluation")
+            part = missing[start : start + self.CHUNK]
+            rows = self._encoder.encode(part, adapter=adapter)
+            self._seen.update(((adapter, t), row) for t, row in zip(part, rows, strict=True))
+            self.computed += len(part)
         if not len(texts):
             return np.zeros((0, self._encoder.dim), dtype=np.float32)
         return np.stack([self._seen[(adapter, t)] for t in texts])
@@ -282,14 +289,16 @@ def evaluate_candidate(
     hold: Sequence[Example],
     memory_entries: Sequence[MemoryEntry],
     guard_margin: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """The report the offline gate reads; empty without held-out examples. A guarded candidate is served
-    at ``guard_margin``, or at the margin fitted on the holdout when it is None."""
+    at ``guard_margin``, or at the margin fitted on the holdout when it is None. ``should_stop`` is asked
+    between embedding passes (``MemoEncoder``)."""
     if not hold:
         return {}
     memory = InProcessMemory(encoder.dim)
     memory.add(list(memory_entries))
-    predictor = Predictor(MemoEncoder(encoder), memory, comp)
+    predictor = Predictor(MemoEncoder(encoder, should_stop), memory, comp)
     texts, truth = [e.text for e in hold], [e.label for e in hold]
     head, mem_vocab, mem = _scores(predictor, candidate, domain, texts)
     head_vocab = list(candidate.head.labels)

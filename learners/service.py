@@ -343,6 +343,7 @@ class Learner:
             hold,
             entries,
             guard_margin=self.train_cfg.guard_margin,
+            should_stop=self._stop.is_set if self._stop is not None else None,
         )
 
     # -- the loop ---------------------------------------------------------------------------------------

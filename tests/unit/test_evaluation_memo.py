@@ -85,7 +85,7 @@ def test_an_evaluation_embeds_each_text_once_per_version_with_the_same_report(
         return report, list(embedded)
 
     memo_report, memo_reads = run()
-    monkeypatch.setattr(evaluation, "MemoEncoder", lambda encoder: encoder)
+    monkeypatch.setattr(evaluation, "MemoEncoder", lambda encoder, should_stop=None: encoder)
     plain_report, plain_reads = run()
 
     assert len(memo_reads) == len(set(memo_reads))  # never twice
@@ -96,3 +96,21 @@ def test_an_evaluation_embeds_each_text_once_per_version_with_the_same_report(
     assert memo_report.keys() == plain_report.keys()
     for key, value in plain_report.items():
         assert memo_report[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_the_memo_asks_should_stop_between_chunks(tiny_encoder):
+    from learners.trainer import TrainingInterrupted
+
+    asked = []
+
+    def stop_on_third() -> bool:
+        asked.append(1)
+        return len(asked) >= 3
+
+    memo = MemoEncoder(tiny_encoder, stop_on_third)
+    texts = [f"text {i}" for i in range(MemoEncoder.CHUNK * 3)]
+    with pytest.raises(TrainingInterrupted, match="during evaluation"):
+        memo.encode(texts)
+    assert memo.computed == 2 * MemoEncoder.CHUNK  # two chunks embedded, then it stopped
+    memo.encode(texts[:5])  # remembered texts need no pass: no question asked
+    assert len(asked) == 3

@@ -258,6 +258,32 @@ def test_a_run_that_finishes_training_as_the_shutdown_comes_is_not_evaluated(lea
     assert learner.registry.submitted == [] and _published(learner, "d") == []
 
 
+def test_a_shutdown_during_the_evaluation_ends_the_run_and_leaves_no_staged_artifact(learner, monkeypatch):
+    _feed(learner, _events(24))
+    learner._stop = stop = threading.Event()
+    real = service.evaluate_candidate
+    passes = []
+
+    def evaluate(*args, **kwargs):
+        assert kwargs["should_stop"] == stop.is_set  # the service hands its shutdown event to the evaluation
+
+        def stop_on_second_pass() -> bool:
+            passes.append(1)
+            if len(passes) == 2:
+                stop.set()
+            return stop.is_set()
+
+        return real(*args, **{**kwargs, "should_stop": stop_on_second_pass})
+
+    monkeypatch.setattr(service, "evaluate_candidate", evaluate)
+    with pytest.raises(TrainingInterrupted, match="during evaluation"):
+        learner.train_domain("d")
+    assert len(passes) == 2  # the first embedding pass ran, the second was never started
+    assert learner.registry.submitted == [] and _published(learner, "d") == []
+    assert not any((learner.artifacts_dir / "d").iterdir())  # the staged candidate was discarded
+    assert learner.buffers.new_since_train("d") == 24
+
+
 # -- unlearning -----------------------------------------------------------------------------------------
 def test_unlearning_retrains_exactly_as_if_the_forgotten_data_never_came(learner, tiny_encoder):
     events = _events(32)
