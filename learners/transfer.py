@@ -45,7 +45,15 @@ from transformers import AutoModel
 from learners import artifacts
 from learners.buffer import Example
 from learners.evaluation import fit_compensation_floor, fit_memory_weight, memory_of, with_memory_weight
-from learners.trainer import TrainConfig, TrainedAdapter, lora_config, make_optimizer, optimizer_step
+from learners.trainer import (
+    TrainConfig,
+    TrainedAdapter,
+    adapter_layers,
+    lora_config,
+    lora_layer_count,
+    make_optimizer,
+    optimizer_step,
+)
 from serving.artifacts import ADAPTER_DIR, HEAD_FILE, Artifact, load_artifact
 from serving.compensator import CompensationConfig
 from serving.encoder import Encoder
@@ -65,7 +73,11 @@ class TransferConfig:
     ce_weight: float = 0.5
     holdout_frac: float = 0.2
     max_examples: int = 2000  # the newest buffered examples used (bounds the cost of a migration)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, max_steps=300, batch_size=16))
+    # LoRA in every layer of a new architecture (what docs/migration.md measured); a student of the same
+    # architecture takes its teacher's layers.
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=2, max_steps=300, batch_size=16, lora_layers=None)
+    )
     seed: int = 0
 
 
@@ -157,14 +169,20 @@ def distil(
     tc = cfg.train
     torch.manual_seed(tc.seed)
     rng = random.Random(tc.seed)
-    fresh = AutoModel.from_pretrained(encoder.model_path, dtype=torch.float32).to(encoder.device)
-    model = get_peft_model(fresh, lora_config(fresh, tc))
     teacher_state = load_file(str(teacher.adapter_dir / "adapter_model.safetensors")) if teacher else {}
-    warm = (
-        teacher is not None
-        and teacher.head.weight.shape[1] == encoder.dim
-        and _same_architecture(model, teacher_state)
-    )
+    model, warm = None, False
+    if teacher is not None and teacher.head.weight.shape[1] == encoder.dim:
+        # Same architecture: the student takes the teacher's layers and starts from its weights.
+        fresh = AutoModel.from_pretrained(encoder.model_path, dtype=torch.float32).to(encoder.device)
+        n = lora_layer_count(fresh)
+        layers = adapter_layers(teacher.adapter_dir) or range(n)
+        if max(layers) < n:
+            model = get_peft_model(fresh, lora_config(fresh, tc, layers))
+            warm = _same_architecture(model, teacher_state)
+    if not warm:
+        fresh = AutoModel.from_pretrained(encoder.model_path, dtype=torch.float32).to(encoder.device)
+        model = get_peft_model(fresh, lora_config(fresh, tc))
+    assert model is not None
     if warm and teacher is not None:
         set_peft_model_state_dict(model, teacher_state)
         weight = torch.from_numpy(teacher.head.weight.copy())

@@ -470,7 +470,10 @@ def _bench_transfer(args: argparse.Namespace, settings: Settings, out) -> int:
         teacher_artifact=args.teacher_artifact,
         student_artifact=args.student_artifact,
         holdout_frac=settings.learner_holdout_frac,
-        teacher=TrainConfig(epochs=3, max_steps=args.teacher_steps, batch_size=16),
+        # The teacher as docs/migration.md measured it: LoRA in every layer, 128 tokens.
+        teacher=TrainConfig(
+            epochs=3, max_steps=args.teacher_steps, batch_size=16, lora_layers=None, max_length=None
+        ),
         transfer=replace(
             base,
             synthetic_per_example=args.synthetic,

@@ -82,7 +82,11 @@ class TransferBench:
     teacher_artifact: str | None = None
     student_artifact: str | None = None  # an earlier run's transferred adapter (new_model's base)
     holdout_frac: float = 0.2  # the learner's: the newest share of the buffer fits the teacher's serving
-    teacher: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, max_steps=400, batch_size=16))
+    teacher: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            epochs=3, max_steps=400, batch_size=16, lora_layers=None, max_length=None
+        )
+    )  # as docs/migration.md measured it
     transfer: TransferConfig = field(default_factory=TransferConfig)
     comp: CompensationConfig = field(default_factory=CompensationConfig)
     online_mix: bool = True  # labels carry what head and memory said, as in serving (False: fixed weight)

@@ -201,6 +201,36 @@ def test_same_architecture_transfer_starts_from_the_teacher(tiny_encoder, same_a
     assert float(lora_a.abs().sum()) > 0
 
 
+def test_a_top_layer_teacher_moves_to_a_same_architecture_base_with_its_layers(
+    tiny_encoder, same_arch_encoder, mpnet_encoder, tmp_path
+):
+    """The learner's adapters cover the top layers only: a same-architecture student takes the same
+    layers and starts from the teacher's weights; republishing carries them as they are; a student of
+    another architecture gets LoRA in every one of its layers."""
+    trained = train_adapter(tiny_encoder, TEXTS, LABELS, TrainConfig(epochs=1, batch_size=8, lora_layers=1))
+    manifest = ArtifactManifest(
+        domain="food",
+        version="v1",
+        base_fingerprint=tiny_encoder.fingerprint,
+        labels=trained.labels,
+        files={},
+        lora=trained.lora_manifest(),
+    )
+    top = load_artifact(
+        artifacts.publish(tmp_path / "a", manifest, trained.write),
+        base_fingerprint=tiny_encoder.fingerprint,
+        dim=tiny_encoder.dim,
+    )
+    cfg = TransferConfig(synthetic_per_example=1, train=TrainConfig(epochs=1, max_steps=0, lora_layers=None))
+    result = transfer_adapter(tiny_encoder, top, same_arch_encoder, _examples(), cfg)
+    assert result.trained.lora_manifest()["layers"] == [1]
+    assert np.allclose(result.trained.head().weight, top.head.weight)  # warm: the teacher's head
+    moved = republish(tmp_path / "b", top, same_arch_encoder)
+    assert moved.manifest.lora["layers"] == [1]
+    other = transfer_adapter(tiny_encoder, top, mpnet_encoder, _examples(), cfg)
+    assert other.trained.lora_manifest()["layers"] is None
+
+
 def test_republish_carries_the_adapter_to_a_same_architecture_base(
     tiny_encoder, same_arch_encoder, mpnet_encoder, teacher, tmp_path
 ):
