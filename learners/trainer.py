@@ -19,6 +19,7 @@ the replay share. Two compatibility terms keep the update from breaking what use
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -199,8 +200,6 @@ def lora_config(model: torch.nn.Module, cfg: TrainConfig, layers: Sequence[int] 
 
 def adapter_layers(adapter_dir: Path) -> list[int] | None:
     """The layers a saved adapter's LoRA covers (None: all of them)."""
-    import json
-
     layers = json.loads((adapter_dir / "adapter_config.json").read_text()).get("layers_to_transform")
     return [layers] if isinstance(layers, int) else layers
 
@@ -317,16 +316,10 @@ def train_adapter(
     prefix = None
     if reads > len(texts):
         prefix = _FrozenPrefix.build(model, encoder, len(texts), tokenize, token_ids, use_bf16)
+    inputs = batches
     if prefix is not None:
         prefix.fill(model, batches(range(len(texts)), 64))
-
-        def inputs(order: Sequence[int], size: int):
-            for start in range(0, len(order), size):
-                idx = list(order[start : start + size])
-                yield idx, prefix.collate(idx)
-
-    else:
-        inputs = batches
+        inputs = prefix.batches
     with prefix.adapted_only() if prefix is not None else contextlib.nullcontext():
         trained = _train_loop(
             model, encoder, cfg, inputs, rng, y, label_list, (head_w, head_b), parent, should_stop, use_bf16
@@ -498,6 +491,12 @@ class _FrozenPrefix:
         lengths = torch.tensor([len(r) for r in rows], device=hidden.device)
         mask = (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]).long()
         return {"inputs_embeds": hidden, "attention_mask": mask}
+
+    def batches(self, order: Sequence[int], size: int):
+        """(indices, ``collate``'s inputs) for each ``size`` texts of ``order``."""
+        for start in range(0, len(order), size):
+            idx = list(order[start : start + size])
+            yield idx, self.collate(idx)
 
     def adapted_only(self):
         """While inside, the model runs its adapted layers alone, on ``collate``'s inputs."""

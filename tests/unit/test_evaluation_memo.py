@@ -10,10 +10,8 @@ from learners import artifacts, evaluation
 from learners.buffer import Example
 from learners.evaluation import MemoEncoder, evaluate_candidate
 from learners.trainer import TrainConfig, train_adapter
-from serving.artifacts import load_artifact
 from serving.compensator import CompensationConfig
 from streams.redis_store import MemoryEntry
-from streams.schemas import ArtifactManifest
 
 WORDS = {"pos": ["great", "fresh", "lovely", "tasty"], "neg": ["stale", "awful", "broken", "late"]}
 
@@ -28,23 +26,11 @@ def _examples(n: int, start: int = 0) -> list[Example]:
     return out
 
 
-def _artifact(tmp_path, encoder, examples, version, parent=None):
+def _artifact(tmp_path, encoder, examples, parent=None):
     cfg = TrainConfig(epochs=1, batch_size=8, max_steps=3, lora_layers=None, max_length=None)
     trained = train_adapter(encoder, [e.text for e in examples], [e.label for e in examples], cfg, parent)
-    manifest = ArtifactManifest(
-        domain="d",
-        version=version,
-        parent=parent.manifest.version if parent else None,
-        base_fingerprint=encoder.fingerprint,
-        labels=trained.labels,
-        files={},
-        lora=trained.lora_manifest(),
-    )
-    return load_artifact(
-        artifacts.publish(tmp_path, manifest, trained.write),
-        base_fingerprint=encoder.fingerprint,
-        dim=encoder.dim,
-    )
+    version = parent.manifest.version if parent else None
+    return artifacts.publish_trained(tmp_path, encoder, "d", trained, version)
 
 
 def test_the_memo_embeds_each_text_once_per_adapter_in_the_callers_order(tiny_encoder):
@@ -64,8 +50,8 @@ def test_an_evaluation_embeds_each_text_once_per_version_with_the_same_report(
     tmp_path, tiny_encoder, monkeypatch
 ):
     train, hold = _examples(40), _examples(16, start=40)
-    parent = _artifact(tmp_path / "p", tiny_encoder, train[:24], "v1")
-    candidate = _artifact(tmp_path / "c", tiny_encoder, train, "v2", parent)
+    parent = _artifact(tmp_path / "p", tiny_encoder, train[:24])
+    candidate = _artifact(tmp_path / "c", tiny_encoder, train, parent)
     keys = tiny_encoder.encode([e.text for e in train])
     entries = [MemoryEntry(e.event_id, "d", e.label, keys[i], e.ts, "m") for i, e in enumerate(train)]
     comp = CompensationConfig()

@@ -15,9 +15,7 @@ from transformers import AutoModel
 
 from learners import artifacts, trainer
 from learners.trainer import TrainConfig, lora_config, train_adapter, truncated
-from serving.artifacts import load_artifact
 from serving.encoder import Encoder, default_model_path
-from streams.schemas import ArtifactManifest
 
 TEXTS = [
     "the tea was great and fresh",
@@ -29,23 +27,6 @@ TEXTS = [
 ] * 3
 LABELS = ["pos", "neg", "pos", "neg", "pos", "pos"] * 3
 CFG = TrainConfig(epochs=1, batch_size=4, max_steps=5, lora_layers=1, max_length=None)  # 20 reads of 18 texts
-
-
-def _publish(tmp_path, encoder, trained, parent=None):
-    manifest = ArtifactManifest(
-        domain="d",
-        version="v2" if parent else "v1",
-        parent=parent,
-        base_fingerprint=encoder.fingerprint,
-        labels=trained.labels,
-        files={},
-        lora=trained.lora_manifest(),
-    )
-    return load_artifact(
-        artifacts.publish(tmp_path, manifest, trained.write),
-        base_fingerprint=encoder.fingerprint,
-        dim=encoder.dim,
-    )
 
 
 @pytest.mark.parametrize("model_dir", ["tiny_model_dir", "tiny_mpnet_dir"])
@@ -93,7 +74,7 @@ def test_a_top_layer_run_saves_an_adapter_that_serving_loads_and_continues_with_
     assert len(trained.model.get_base_model().encoder.layer) == 2
     assert not any(m.training for m in trained.model.modules())  # frozen layers and embeddings included
     assert trained.lora_manifest()["layers"] == [1]
-    parent = _publish(tmp_path, tiny_encoder, trained)
+    parent = artifacts.publish_trained(tmp_path, tiny_encoder, "d", trained)
     saved = json.loads((parent.adapter_dir / "adapter_config.json").read_text())
     assert saved["layers_to_transform"] == [1]
     assert trainer.adapter_layers(parent.adapter_dir) == [1]
@@ -116,7 +97,7 @@ def test_a_parent_with_lora_in_every_layer_is_continued_in_every_layer_without_a
 ):
     old = train_adapter(tiny_encoder, TEXTS, LABELS, replace(CFG, lora_layers=None))
     assert old.lora_manifest()["layers"] is None
-    parent = _publish(tmp_path, tiny_encoder, old)
+    parent = artifacts.publish_trained(tmp_path, tiny_encoder, "d", old)
     fills = []
     monkeypatch.setattr(trainer._FrozenPrefix, "fill", _spy(trainer._FrozenPrefix.fill, fills))
     child = train_adapter(tiny_encoder, TEXTS, LABELS, CFG, parent)
@@ -191,7 +172,8 @@ def _spy(fn, calls: list):
 def test_a_continued_run_embeds_for_its_head_only_the_labels_its_parent_lacks(
     tmp_path, tiny_encoder, monkeypatch
 ):
-    parent = _publish(tmp_path, tiny_encoder, train_adapter(tiny_encoder, TEXTS, LABELS, CFG))
+    trained = train_adapter(tiny_encoder, TEXTS, LABELS, CFG)
+    parent = artifacts.publish_trained(tmp_path, tiny_encoder, "d", trained)
     rows: list[int] = []
     forward = type(tiny_encoder).forward
 

@@ -208,19 +208,7 @@ def test_a_top_layer_teacher_moves_to_a_same_architecture_base_with_its_layers(
     layers and starts from the teacher's weights; republishing carries them as they are; a student of
     another architecture gets LoRA in every one of its layers."""
     trained = train_adapter(tiny_encoder, TEXTS, LABELS, TrainConfig(epochs=1, batch_size=8, lora_layers=1))
-    manifest = ArtifactManifest(
-        domain="food",
-        version="v1",
-        base_fingerprint=tiny_encoder.fingerprint,
-        labels=trained.labels,
-        files={},
-        lora=trained.lora_manifest(),
-    )
-    top = load_artifact(
-        artifacts.publish(tmp_path / "a", manifest, trained.write),
-        base_fingerprint=tiny_encoder.fingerprint,
-        dim=tiny_encoder.dim,
-    )
+    top = artifacts.publish_trained(tmp_path / "a", tiny_encoder, "food", trained)
     cfg = TransferConfig(synthetic_per_example=1, train=TrainConfig(epochs=1, max_steps=0, lora_layers=None))
     result = transfer_adapter(tiny_encoder, top, same_arch_encoder, _examples(), cfg)
     assert result.trained.lora_manifest()["layers"] == [1]
