@@ -257,12 +257,15 @@ def train_adapter(
     y = torch.tensor([label_list.index(lab) for lab in labels])
 
     # Each text is tokenized once, on first use; batches are collated (pinned, copied asynchronously)
-    # on a loader thread while the accelerator runs the previous step.
+    # on a loader thread while the accelerator runs the previous step. On a GPU that thread tokenizes
+    # in Rust, without the GIL: the serving word cache is Python, and holding the GIL there starves the
+    # training loop's kernel launches.
     token_ids: dict[int, np.ndarray] = {}
+    release_gil = encoder.device.type == "cuda"
 
     def tokenize(idx: Sequence[int]) -> None:
         missing = [i for i in idx if i not in token_ids]
-        rows = encoder.token_ids([texts[i] for i in missing])
+        rows = encoder.token_ids([texts[i] for i in missing], release_gil=release_gil)
         token_ids.update((i, truncated(row, cfg.max_length)) for i, row in zip(missing, rows, strict=True))
 
     def batches(order: Sequence[int], size: int):

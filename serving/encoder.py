@@ -146,10 +146,11 @@ class Encoder:
             "attention_mask": torch.from_numpy(mask).to(self.device),
         }
 
-    def token_ids(self, texts: Sequence[str]) -> list[np.ndarray]:
+    def token_ids(self, texts: Sequence[str], release_gil: bool = False) -> list[np.ndarray]:
         """Each text's token ids, truncated like ``tokenize`` but unpadded: tokenize a data set once,
-        then ``collate`` any batch of it (training reads every example many times)."""
-        return self._tok.token_ids(texts)
+        then ``collate`` any batch of it (training reads every example many times). ``release_gil``:
+        tokenize without holding the GIL (same ids, more CPU), for a thread beside a GPU loop."""
+        return self._tok.token_ids(texts, release_gil)
 
     def collate(self, rows: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
         """Pad rows of ``token_ids`` to the longest in the batch; pinned, asynchronous copies on GPU."""

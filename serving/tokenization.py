@@ -253,11 +253,13 @@ class FastTokenizer:
         texts = list(texts)
         return self._prefix.encode(self._routed, texts) if self._prefix is not None else self._routed(texts)
 
-    def ids(self, texts: Sequence[str]) -> list[Sequence[int]]:
+    def ids(self, texts: Sequence[str], release_gil: bool = False) -> list[Sequence[int]]:
         """Each text's ids, truncated but unpadded: plain texts from the word cache, the rest through the
-        Rust tokenizer."""
+        Rust tokenizer. ``release_gil``: every text through the Rust tokenizer, which releases the GIL
+        while it works (same ids). The word cache costs less CPU but is Python: on a loader thread beside
+        a GPU training loop it holds the GIL the loop needs to launch its kernels."""
         texts = list(texts)
-        if self._words is None:
+        if self._words is None or release_gil:
             return [e.ids for e in self.encodings(texts)]
         out: list[Sequence[int]] = [()] * len(texts)
         other = []
@@ -271,9 +273,9 @@ class FastTokenizer:
                 out[i] = enc.ids
         return out
 
-    def token_ids(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Each text's ids, truncated but unpadded."""
-        return [np.asarray(r, dtype=np.int64) for r in self.ids(texts)]
+    def token_ids(self, texts: Sequence[str], release_gil: bool = False) -> list[np.ndarray]:
+        """Each text's ids, truncated but unpadded (``release_gil``: see ``ids``)."""
+        return [np.asarray(r, dtype=np.int64) for r in self.ids(texts, release_gil)]
 
     def pad(self, rows: Sequence[Sequence[int] | np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(ids, mask) of rows padded to the longest."""

@@ -16,7 +16,8 @@ The raw forward is timed before the replicas (in a child process) and after them
 ratios divide by the highest of these rates, the strictest bar. It has varied from 48k to 73k sequences/s
 on H100s here, more than the serving rates did.
 
-Usage: python -m ops.bench.gpu --model-path DIR --out DIR [--replicas 24 24/spin mps:24] [--only-replicas]
+Usage: python -m ops.bench.gpu --model-path DIR --out DIR [--replicas 24 24/spin mps:24]
+       [--parts replicas serving learner]
 (each replica count takes ~75 s: 24 processes import torch and build the memory)
 """
 
@@ -400,9 +401,11 @@ LEARNER_STEPS = 300  # one run as long as the learner's default (learner_max_ste
 
 def markdown(r: dict) -> str:
     """The run's figures against the issue's targets (>= 50% of the raw rate measured in the same run)."""
-    raw = r["raw_forward_seq_per_s"]
+    raw = r.get("raw_forward_seq_per_s")
     timings = r.get("raw_forward_seq_per_s_before_after")
-    if timings is None:
+    if raw is None:
+        measured = None
+    elif timings is None:
         measured = "measured once"
     else:
         before, after = ([x] if isinstance(x, float) else x for x in timings)
@@ -410,14 +413,14 @@ def markdown(r: dict) -> str:
             f"the highest of {', '.join(f'{x:,.0f}' for x in before)} (before the replicas) and "
             f"{', '.join(f'{x:,.0f}' for x in after)} (after)"
         )
-    lines = [
-        f"# GPU benchmark ({r.get('device', '?')}, torch {r['torch']})",
-        "",
-        f"Raw bf16 forward, batch 256 x 128 tokens: {raw:,.0f} sequences/s, {measured}.",
-        "",
-        "| serving | sequences/s | of raw | target 50% |",
-        "| --- | --- | --- | --- |",
-    ]
+    lines = [f"# GPU benchmark ({r.get('device', '?')}, torch {r['torch']})", ""]
+    if raw is not None:
+        lines += [
+            f"Raw bf16 forward, batch 256 x 128 tokens: {raw:,.0f} sequences/s, {measured}.",
+            "",
+            "| serving | sequences/s | of raw | target 50% |",
+            "| --- | --- | --- | --- |",
+        ]
     for run in r.get("serving_replicas", []):
         name = f"{run['replicas']} replicas" + (" via MPS" if run["mps"] else " time-sliced")
         if run.get("in_flight", 1) > 1:
@@ -470,7 +473,11 @@ def write(r: dict, out: Path) -> None:
     """gpu.json, gpu.md and gpu.png (called after each part, so a partial run leaves its figures)."""
     (out / "gpu.json").write_text(json.dumps(r, indent=2))
     (out / "gpu.md").write_text(markdown(r))
-    plot(r, out / "gpu.png")
+    if "raw_forward_seq_per_s" in r:  # the plot compares serving with the raw forward
+        plot(r, out / "gpu.png")
+
+
+PARTS = ("replicas", "serving", "learner")
 
 
 def main() -> None:
@@ -487,43 +494,53 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per replica count")
     parser.add_argument(
-        "--only-replicas", action="store_true", help="skip the one-process serving and learner parts"
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="replicas: the replica sweep; serving: one process, all cores; learner: train_adapter "
+        "against the raw LoRA step (the first two are divided by the raw forward, timed around them)",
     )
     args = parser.parse_args()
+    parts = set(args.parts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result: dict = {"torch": torch.__version__}
-    before = raw_forward_isolated(args.model_path)
-    sweep = replica_sweep(args.model_path, args.memory_entries, args.replicas, args.seconds)  # no CUDA yet
+    result: dict = {"torch": torch.__version__, "parts": [p for p in PARTS if p in parts]}
+    if parts & {"replicas", "serving"}:
+        before = raw_forward_isolated(args.model_path)
+        sweep = {"runs": []}
+        if "replicas" in parts:  # before this process makes a CUDA context
+            sweep = replica_sweep(args.model_path, args.memory_entries, args.replicas, args.seconds)
+        after = raw_forward(args.model_path, 256, 128, iters=100)
+        result["raw_forward_seq_per_s_before_after"] = [before, after]
+        result["raw_forward_seq_per_s"] = raw = max(before + after)  # the strictest bar
     result["device"] = torch.cuda.get_device_name(0)
-    after = raw_forward(args.model_path, 256, 128, iters=100)
-    result["raw_forward_seq_per_s_before_after"] = [before, after]
-    result["raw_forward_seq_per_s"] = raw = max(before + after)  # the strictest bar
-    result["serving_replicas"] = sweep["runs"]
-    if "mps_error" in sweep:
-        result["mps_error"] = sweep["mps_error"]
-    for run in sweep["runs"]:
-        run["over_raw"] = run["seq_per_s"] / raw
-    for mps in (False, True):
-        runs = [r for r in sweep["runs"] if r["mps"] == mps]
-        if runs:
-            result["serving_replicas_best_over_raw" + ("_mps" if mps else "")] = max(
-                r["over_raw"] for r in runs
-            )
-    write(result, out)  # a partial result survives a later failure
-    print(json.dumps(result), flush=True)
-    if args.only_replicas:
-        return
-    result["serving"] = serving(args.model_path, 256, iters=20, memory_entries=args.memory_entries)
-    result["serving_over_raw"] = result["serving"]["seq_per_s"] / raw
-    result["serving_two_in_flight_over_raw"] = result["serving"]["seq_per_s_two_batches_in_flight"] / raw
-    profile = result["serving"].pop("profile")
-    (out / "gpu-serving-profile.txt").write_text(profile)
-    write(result, out)
-    result["raw_lora_samples_per_s"] = raw_lora_step(args.model_path, 256, 128, iters=30)
-    result["learner"] = learner(args.model_path, 256, steps=LEARNER_STEPS)
-    result["learner_over_raw"] = result["learner"]["samples_per_s"] / result["raw_lora_samples_per_s"]
-    write(result, out)
+    if "replicas" in parts:
+        result["serving_replicas"] = sweep["runs"]
+        if "mps_error" in sweep:
+            result["mps_error"] = sweep["mps_error"]
+        for run in sweep["runs"]:
+            run["over_raw"] = run["seq_per_s"] / raw
+        for mps in (False, True):
+            runs = [r for r in sweep["runs"] if r["mps"] == mps]
+            if runs:
+                result["serving_replicas_best_over_raw" + ("_mps" if mps else "")] = max(
+                    r["over_raw"] for r in runs
+                )
+        write(result, out)  # a partial result survives a later failure
+        print(json.dumps(result), flush=True)
+    if "serving" in parts:
+        result["serving"] = serving(args.model_path, 256, iters=20, memory_entries=args.memory_entries)
+        result["serving_over_raw"] = result["serving"]["seq_per_s"] / raw
+        result["serving_two_in_flight_over_raw"] = result["serving"]["seq_per_s_two_batches_in_flight"] / raw
+        profile = result["serving"].pop("profile")
+        (out / "gpu-serving-profile.txt").write_text(profile)
+        write(result, out)
+    if "learner" in parts:
+        result["raw_lora_samples_per_s"] = raw_lora_step(args.model_path, 256, 128, iters=30)
+        result["learner"] = learner(args.model_path, 256, steps=LEARNER_STEPS)
+        result["learner_over_raw"] = result["learner"]["samples_per_s"] / result["raw_lora_samples_per_s"]
+        write(result, out)
     print(json.dumps(result, indent=2))
 
 

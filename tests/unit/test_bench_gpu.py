@@ -74,3 +74,26 @@ def test_spinning_replicas_are_named_in_the_report(tmp_path):
     assert (
         "| 24 replicas via MPS, spinning waits | 35,000 | 50.0% | met |" in (tmp_path / "gpu.md").read_text()
     )
+
+
+def test_a_learner_only_run_reports_the_learner_without_a_raw_forward(tmp_path):
+    r = {
+        "torch": "2.x",
+        "device": "H100",
+        "parts": ["learner"],
+        "raw_lora_samples_per_s": 15_000.0,
+        "learner": {"samples_per_s": 8_100.0, "steps": 300, "seconds": 9.5},
+        "learner_over_raw": 0.54,
+    }
+    gpu.write(r, tmp_path)
+    md = (tmp_path / "gpu.md").read_text()
+    assert "8,100 samples/s against a raw LoRA step rate of 15,000: 54.0% (target 50%)" in md
+    assert "Raw bf16 forward" not in md and "| serving |" not in md
+    assert not (tmp_path / "gpu.png").exists()  # nothing to plot against
+
+
+def test_parts_refuse_an_unknown_name(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["gpu", "--model-path", "m", "--out", "o", "--parts", "learners"])
+    with pytest.raises(SystemExit):
+        gpu.main()
+    assert "invalid choice: 'learners'" in capsys.readouterr().err

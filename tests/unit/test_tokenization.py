@@ -198,3 +198,21 @@ def test_random_plain_ascii_matches_the_hugging_face_tokenizer(max_length):
     assert sum(fast._words.plain(t) for t in texts) > 250  # most take the word cache
     _assert_same_in_chunks(fast, tokenizer, texts, max_length, chunk=50)
     _assert_same_in_chunks(fast, tokenizer, texts, max_length, chunk=50)  # again, from the cache
+
+
+def test_release_gil_sends_every_text_through_the_rust_tokenizer_with_the_same_ids():
+    """A GPU learner's loader thread tokenizes without the GIL: no text goes through the Python word cache,
+    and the ids are those of the default path."""
+    from serving.encoder import Encoder
+
+    enc = Encoder(max_length=64)
+    texts = EDGE_CASES + [" ".join(["Spam, spam and eggs!"] * n) for n in (1, 10, 100)] + ["Great tea."]
+    words = enc._tok._words
+    words._cache.clear()
+    released = enc.token_ids(texts, release_gil=True)
+    assert not words._cache  # the word cache was never consulted
+    default = enc.token_ids(texts)
+    assert words._cache  # while the default path fills it
+    assert len(released) == len(default)
+    for a, b in zip(released, default, strict=True):
+        np.testing.assert_array_equal(a, b)
