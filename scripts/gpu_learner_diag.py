@@ -30,32 +30,8 @@ for k, rg in enumerate((True, False, True, False)):
 print(res, flush=True)
 
 
-def raw(train, dropout, iters=30):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModel
-
-    model = get_peft_model(
-        AutoModel.from_pretrained(mp, dtype=torch.float32).cuda(),
-        LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=["query", "value"]),
-    )
-    model.train(train)
-    head = torch.nn.Linear(model.config.hidden_size, 10).cuda()
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad] + list(head.parameters()), lr=1e-4
-    )
-    ids = torch.randint(1000, 20000, (256, 128), device="cuda")
-    mask = torch.ones_like(ids)
-    y = torch.randint(0, 10, (256,), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(input_ids=ids, attention_mask=mask).last_hidden_state.mean(1)
-        loss = torch.nn.functional.cross_entropy(head(out.float()), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return 256 / gpu._timed(step, iters)
+def raw(train, dropout):
+    return gpu.raw_lora_step(mp, 256, 128, 30, train=train, dropout=dropout)
 
 
 stats = {}

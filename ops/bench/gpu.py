@@ -350,14 +350,19 @@ def serving(model_path: str, batch: int, iters: int, memory_entries: int) -> dic
     }
 
 
-def raw_lora_step(model_path: str, batch: int, seq: int, iters: int) -> float:
+def raw_lora_step(
+    model_path: str, batch: int, seq: int, iters: int, train: bool = False, dropout: float = 0.0
+) -> float:
+    """A bare peft LoRA step's rate (samples/s). The bar is eval mode without dropout (``train=False``);
+    ``train`` and ``dropout`` give the learner's mode (BERT's dropout on, LoRA dropout) for comparison."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
 
     model = get_peft_model(
         AutoModel.from_pretrained(model_path, dtype=torch.float32).cuda(),
-        LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]),
+        LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=["query", "value"]),
     )
+    model.train(train)
     head = torch.nn.Linear(model.config.hidden_size, 10).cuda()
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad] + list(head.parameters()), lr=1e-4
