@@ -407,19 +407,17 @@ LEARNER_STEPS = 300  # one run as long as the learner's default (learner_max_ste
 def markdown(r: dict) -> str:
     """The run's figures against the issue's targets (>= 50% of the raw rate measured in the same run)."""
     raw = r.get("raw_forward_seq_per_s")
-    timings = r.get("raw_forward_seq_per_s_before_after")
-    if raw is None:
-        measured = None
-    elif timings is None:
-        measured = "measured once"
-    else:
-        before, after = ([x] if isinstance(x, float) else x for x in timings)
-        measured = (
-            f"the highest of {', '.join(f'{x:,.0f}' for x in before)} (before the replicas) and "
-            f"{', '.join(f'{x:,.0f}' for x in after)} (after)"
-        )
     lines = [f"# GPU benchmark ({r.get('device', '?')}, torch {r['torch']})", ""]
-    if raw is not None:
+    if raw is not None:  # a learner-only run times no forward
+        timings = r.get("raw_forward_seq_per_s_before_after")
+        if timings is None:
+            measured = "measured once"
+        else:
+            before, after = ([x] if isinstance(x, float) else x for x in timings)
+            measured = (
+                f"the highest of {', '.join(f'{x:,.0f}' for x in before)} (before the replicas) and "
+                f"{', '.join(f'{x:,.0f}' for x in after)} (after)"
+            )
         lines += [
             f"Raw bf16 forward, batch 256 x 128 tokens: {raw:,.0f} sequences/s, {measured}.",
             "",
