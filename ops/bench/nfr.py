@@ -23,6 +23,12 @@ flip counts and 95% Wilson intervals), and the issue's ratios: NFR reduction vs 
 share of naive's gain kept (target >= 95%), NFR <= 1% absolute, each ratio with a 95% paired bootstrap
 interval over the evaluated events (the evaluation slice's sampling noise; training noise is not in it).
 In head mode a guarded update is its head gated by v1's head at the fitted margin.
+
+4. The gate frontier (head alone): each unguarded update's probabilities averaged with v1's at weight
+   ``w``, then guarded by v1's answer at margin ``m`` (``serving.guard``), over a grid of both, scored on
+   the evaluated events themselves. Tuned on the very events it is scored on, it bounds from above what
+   any gate of this family, fitted on a holdout, could reach: the report gives the lowest NFR that keeps
+   >= 95% of naive's gain and the most gain kept at NFR <= 1%.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ TARGET_NFR = 0.01
 TARGET_REDUCTION = 0.40
 TARGET_GAIN_KEPT = 0.95
 BOOTSTRAP = 2000  # paired resamples of the evaluated events for the ratios' intervals
+FRONTIER_WEIGHTS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # the update's share beside v1's probabilities
+FRONTIER_MARGINS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)  # guard margins (0: ties keep v1's answer)
 
 
 @dataclass(frozen=True)
@@ -117,8 +125,11 @@ def _answers(
     models: dict[str, Artifact],
     test,
     batch: int,
+    probs: dict[str, list[np.ndarray]] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Per model: ``head`` (head alone) and ``served`` (serving's Predictor) correctness on ``test``."""
+    """Per model: ``head`` (head alone) and ``served`` (serving's Predictor) correctness on ``test``;
+    ``probs`` (when given) receives each model's unguarded head probabilities, batch by batch, in its
+    head's label order."""
     predictor = Predictor(enc, memory, comp)
     bare = Predictor(enc, memory, comp)  # no adapter: the memory's scorer alone
     memo = _BatchMemo(enc)
@@ -135,6 +146,9 @@ def _answers(
                 predictor.activate(artifact)
                 labels = _head_labels(artifact, memo, texts)
                 out[name]["head"] += [p == t for p, t in zip(labels, truth, strict=True)]
+                if probs is not None:
+                    head = artifact.head.probs(memo(texts, adapter_name(artifact)))
+                    probs.setdefault(name, []).append(head)
                 preds = predictor.predict(texts, domains)
                 out[name]["served"] += [p.label == t for p, t in zip(preds, truth, strict=True)]
             memo.clear()
@@ -280,6 +294,84 @@ def compare(
     return rows
 
 
+def _aligned(vocab: list[str], labels: list[str], probs: np.ndarray) -> np.ndarray:
+    """``probs`` (columns in ``labels`` order) with its columns moved to ``vocab``'s order (0 elsewhere)."""
+    out = np.zeros((probs.shape[0], len(vocab)))
+    out[:, [vocab.index(lab) for lab in labels]] = probs
+    return out
+
+
+def gate_frontier(
+    old: np.ndarray,
+    new: np.ndarray,
+    truth: np.ndarray,
+    weights: tuple[float, ...] = FRONTIER_WEIGHTS,
+    margins: tuple[float, ...] = FRONTIER_MARGINS,
+) -> list[dict[str, float]]:
+    """Accuracy, NFR and PFR against ``old``'s answers of every gate on the grid: ``w * new + (1 - w) *
+    old`` (probabilities over one vocabulary), then ``old``'s label kept where the gated answer differs
+    from it by at most ``m`` (``serving.guard.keeps_parent``, vectorised). ``truth``: label columns, -1
+    for a label neither knows."""
+    rows = np.arange(len(truth))
+    old_label = old.argmax(1)
+    old_right = old_label == truth
+    points = []
+    for w in weights:
+        mixed = w * new + (1.0 - w) * old
+        label = mixed.argmax(1)
+        margin = mixed[rows, label] - mixed[rows, old_label]
+        for m in margins:
+            right = np.where((label != old_label) & (margin <= m), old_label, label) == truth
+            nfr, pfr = flip_rates(old_right, right)
+            points.append({"weight": w, "margin": m, "accuracy": float(right.mean()), "nfr": nfr, "pfr": pfr})
+    return points
+
+
+def frontier_summary(points: list[dict[str, float]], v1_acc: float, naive_gain: float) -> dict[str, Any]:
+    """The lowest NFR among the points that keep >= 95% of naive's gain, the most gain kept among those
+    at NFR <= 1%, and whether any point meets all three targets (None where no point qualifies)."""
+
+    def kept(p: dict[str, float]) -> float | None:
+        return (p["accuracy"] - v1_acc) / naive_gain if naive_gain > 0 else None
+
+    def meets(p: dict[str, float], *, nfr: bool, gain: bool) -> bool:
+        k = kept(p)
+        gain_ok = (k >= TARGET_GAIN_KEPT) if k is not None else p["accuracy"] >= v1_acc + naive_gain
+        return (not nfr or p["nfr"] <= TARGET_NFR) and (not gain or gain_ok)
+
+    def point(p: dict[str, float] | None) -> dict[str, Any] | None:
+        return None if p is None else {**p, "gain_kept": kept(p)}
+
+    keeping = [p for p in points if meets(p, nfr=False, gain=True)]
+    low = [p for p in points if meets(p, nfr=True, gain=False)]
+    return {
+        "lowest_nfr_keeping_gain": point(min(keeping, key=lambda p: p["nfr"], default=None)),
+        "most_gain_at_nfr_target": point(max(low, key=lambda p: p["accuracy"], default=None)),
+        "any_meets_all": any(meets(p, nfr=True, gain=True) for p in points),
+    }
+
+
+def frontiers(
+    models: dict[str, Artifact], probs: dict[str, list[np.ndarray]], test, head_rows: dict[str, Any]
+) -> dict[str, Any]:
+    """``frontier_summary`` of the gate grid over each update's head (naive's and driftserve's; ``probs``
+    holds unguarded heads, so a guarded update enters without its guard)."""
+    updates = ["naive", "driftserve"]
+    vocab: list[str] = []
+    for name in ("v1", *updates):
+        vocab += [lab for lab in models[name].head.labels if lab not in vocab]
+    full = {
+        n: _aligned(vocab, list(models[n].head.labels), np.concatenate(probs[n])) for n in ("v1", *updates)
+    }
+    index = {lab: i for i, lab in enumerate(vocab)}
+    truth = np.array([index.get(e.label, -1) for e in test])
+    v1_acc = float((full["v1"].argmax(1) == truth).mean())
+    naive_gain = head_rows["naive"]["gain"]
+    return {
+        n: frontier_summary(gate_frontier(full["v1"], full[n], truth), v1_acc, naive_gain) for n in updates
+    }
+
+
 def run(stream: Path, out: Path, cfg: NfrBench) -> dict[str, Any]:
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
@@ -373,7 +465,8 @@ def run(stream: Path, out: Path, cfg: NfrBench) -> dict[str, Any]:
     models = {"v1": v1, "naive": naive, "driftserve": ours}
     if ours.guard is not None:  # the same update served without its guard: what the guard itself does
         models["unguarded"] = replace(ours, guard=None)
-    answers = _answers(enc, memory, cfg.comp, models, test, cfg.batch)
+    head_probs: dict[str, list[np.ndarray]] = {}
+    answers = _answers(enc, memory, cfg.comp, models, test, cfg.batch, head_probs)
     timings["evaluate_s"] = time.monotonic() - t
 
     modes = {
@@ -415,6 +508,7 @@ def run(stream: Path, out: Path, cfg: NfrBench) -> dict[str, Any]:
         "interpolation_curve": {str(a): r for a, r in curve.items()},
         "memory_only_accuracy": float(answers["memory_only"]["served"].mean()),
         "modes": modes,
+        "gate_frontier": frontiers(models, head_probs, test, modes["head"]),
         "timings": timings,
         "seconds": time.monotonic() - started,
         "device": cfg.device,
@@ -493,6 +587,28 @@ def markdown(result: dict[str, Any]) -> str:
         ]
         for a, r in result["interpolation_curve"].items():
             lines.append(f"| {a} | {r['accuracy']:.4f} | {_pct(r['nfr'])} | {_pct(r['pfr'])} |")
+    if result.get("gate_frontier"):
+        lines += [
+            "",
+            "Gate frontier (head alone): each unguarded update averaged with v1 at weight w, then guarded by "
+            "v1 at margin m, tuned on the evaluated events themselves (an upper bound for such a gate):",
+            "",
+            "| update | lowest NFR keeping >= 95% of naive's gain | most gain kept at NFR <= 1% "
+            "| all three |",
+            "|---|---|---|---|",
+        ]
+
+        def gate(p: dict[str, Any] | None) -> str:
+            if p is None:
+                return "none"
+            kept = "n/a" if p["gain_kept"] is None else _pct(p["gain_kept"])
+            return f"NFR {_pct(p['nfr'])}, kept {kept} (w {p['weight']}, m {p['margin']})"
+
+        for name, f in result["gate_frontier"].items():
+            lines.append(
+                f"| {name} | {gate(f['lowest_nfr_keeping_gain'])} | {gate(f['most_gain_at_nfr_target'])} | "
+                f"{'reachable' if f['any_meets_all'] else 'not reachable'} |"
+            )
     lines.append(f"\nThe memory's scorer alone (no adapter): {result['memory_only_accuracy']:.4f}.")
     mw = ", ".join(f"{k} {v:.1f}" for k, v in result["memory_weight"].items() if v is not None)
     lines += [

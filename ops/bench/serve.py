@@ -12,11 +12,18 @@ every driftserve level the report also says where a batch's time went, from the 
 histograms read before and after the level: the model's forward for the memory keys (encode), routing
 (retrieval) and memory search + online experts + compensation (compensation, per domain group). Under
 load these include waiting for the shared cores.
+
+Every level also says where the machine's CPU went (Linux ``/proc``: user + system time of every process
+before and after the level), in ms per answered request: the measured system's replicas, Serve's HTTP
+proxy, the load generator (this process) and everything else (Ray's own processes, the broker, Redis,
+the memory writer...), and how many cores were busy in all. Both systems share one machine, so a
+capacity ratio is bounded by what the proxy and the load generator take per request as well.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -29,6 +36,63 @@ from ops.settings import Settings
 
 NAIVE_ROUTE = "/naive"
 STAGES = ("encode", "retrieval", "compensation")
+# Ray titles its workers by actor (and current method): the replicas and the proxy are found by these.
+CPU_ROLES = {"driftserve": "ServeReplica:driftserve", "naive": "ServeReplica:naive", "proxy": "ProxyActor"}
+
+
+def process_cpu(proc: Path = Path("/proc")) -> dict[int, tuple[str, float]]:
+    """Every process's command line and CPU seconds so far (user + system); {} without ``/proc``."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out: dict[int, tuple[str, float]] = {}
+    try:
+        entries = list(proc.iterdir())
+    except OSError:
+        return out
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state is field 0, utime 11, stime 12
+        out[int(entry.name)] = (cmdline, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_report(
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+    system: str,
+    requests: int,
+    elapsed_s: float,
+    own_pid: int,
+) -> dict[str, float]:
+    """ms of CPU per answered request between two ``process_cpu`` reads, by role: ``replica`` (the
+    measured system's), ``other_replica`` (the other system's, idle but not free), ``proxy``,
+    ``load_generator`` and ``rest``; and ``cores_busy`` (CPU seconds per second, all processes)."""
+    roles = {"replica": 0.0, "other_replica": 0.0, "proxy": 0.0, "load_generator": 0.0, "rest": 0.0}
+    for pid, (cmdline, seconds) in after.items():
+        used = seconds - before.get(pid, ("", 0.0))[1]
+        if used <= 0:
+            continue
+        if pid == own_pid:
+            role = "load_generator"
+        elif CPU_ROLES[system] in cmdline:
+            role = "replica"
+        elif any(CPU_ROLES[s] in cmdline for s in ("driftserve", "naive")):
+            role = "other_replica"
+        elif CPU_ROLES["proxy"] in cmdline:
+            role = "proxy"
+        else:
+            role = "rest"
+        roles[role] += used
+    total = sum(roles.values())
+    out = {f"{k}_ms_per_request": 1000 * v / requests if requests else 0.0 for k, v in roles.items()}
+    out["total_ms_per_request"] = 1000 * total / requests if requests else 0.0
+    out["cores_busy"] = total / elapsed_s if elapsed_s > 0 else 0.0
+    return out
 
 
 def naive_app(model_path: str | None, num_replicas: int, num_cpus: float):
@@ -247,7 +311,17 @@ def run(
             result[name] = []
             for c in levels:
                 before = _stages(stack.url) if name == "driftserve" else None
+                cpu_before, began = process_cpu(), time.monotonic()
                 level = load(url, texts, c, duration_s)
+                if cpu_before:
+                    level["cpu"] = cpu_report(
+                        cpu_before,
+                        process_cpu(),
+                        name,
+                        level["requests"],
+                        time.monotonic() - began,
+                        os.getpid(),
+                    )
                 if before is not None:
                     level["stages"] = stage_report(before, _stages(stack.url))
                 result[name].append(level)
@@ -281,6 +355,24 @@ def write_outputs(out: Path, result: dict[str, Any]) -> None:
             lines.append(
                 f"| {name} | {lv['concurrency']} | {lv['throughput_rps']:.1f} | {lv['p50_ms']:.1f} | "
                 f"{lv['p99_ms']:.1f} | {lv['errors']} |"
+            )
+    cpu = [(name, lv) for name in ("naive", "driftserve") for lv in result[name] if lv.get("cpu")]
+    if cpu:
+        lines += [
+            "",
+            "where the machine's CPU went, ms per answered request (every process, from /proc):",
+            "",
+            "| system | concurrency | its replica | Serve proxy | load generator | other replica | rest | "
+            "total | cores busy |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, lv in cpu:
+            c = lv["cpu"]
+            lines.append(
+                f"| {name} | {lv['concurrency']} | {c['replica_ms_per_request']:.2f} | "
+                f"{c['proxy_ms_per_request']:.2f} | {c['load_generator_ms_per_request']:.2f} | "
+                f"{c['other_replica_ms_per_request']:.2f} | {c['rest_ms_per_request']:.2f} | "
+                f"{c['total_ms_per_request']:.2f} | {c['cores_busy']:.2f} |"
             )
     staged = [lv for lv in result["driftserve"] if lv.get("stages", {}).get("batches")]
     if staged:

@@ -1,4 +1,4 @@
-"""bench serve's capacity rule and report."""
+"""bench serve's capacity rule, report and CPU accounting."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ops.bench.serve import capacity, stage_report, stage_totals, write_outputs
+from ops.bench.serve import capacity, cpu_report, process_cpu, stage_report, stage_totals, write_outputs
 
 
 def _level(c: int, rps: float, p99: float, errors: int = 0) -> dict:
@@ -100,3 +100,73 @@ def test_report_says_where_driftserve_batches_spent_their_time(tmp_path):
     write_outputs(tmp_path, result)
     md = (tmp_path / "serve.md").read_text()
     assert "| 4 | 400 | 3.10 | 20.50 | 1.20 | 3.00 | 2.10 | 20.5% |" in md
+
+
+def _proc(root, pid: int, cmdline: str, utime: int, stime: int) -> None:
+    d = root / str(pid)
+    d.mkdir(parents=True, exist_ok=True)
+    # A command name with spaces and parentheses: the fields are counted after the last ")".
+    rest = ["S", "1", "1", "1", "0", "-1", "0", "10", "0", "0", "0", str(utime), str(stime), "0", "0"]
+    (d / "stat").write_text(f"{pid} (ray::Serve (x) y) " + " ".join(rest) + "\n")
+    (d / "cmdline").write_bytes(cmdline.replace(" ", "\0").encode() + b"\0")
+
+
+def test_cpu_accounting_splits_the_machine_by_role_per_request(tmp_path):
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    before_dir, after_dir = tmp_path / "a", tmp_path / "b"
+    procs = {
+        11: "ray::ServeReplica:driftserve:driftserve",
+        12: "ray::ServeReplica:naive:Naive",
+        13: "ray::ProxyActor",
+        14: "/usr/bin/redis-server 127.0.0.1:16379",
+    }
+    for pid, cmd in procs.items():
+        _proc(before_dir, pid, cmd, tick, 0)
+    (before_dir / "self").mkdir()  # not a pid: skipped
+    # After the level: Ray retitled the replica by the method it runs; pid 99 is the load generator.
+    _proc(after_dir, 11, "ray::ServeReplica:driftserve:driftserve.check_health", 3 * tick, tick)
+    _proc(after_dir, 12, procs[12], tick + tick // 2, 0)
+    _proc(after_dir, 13, procs[13], 2 * tick, 0)
+    _proc(after_dir, 14, procs[14], tick, tick // 2)
+    _proc(after_dir, 99, "python bench", tick, 0)  # started during the level: all of its time counts
+    before, after = process_cpu(before_dir), process_cpu(after_dir)
+    assert before[11] == (procs[11] + " ", 1.0)
+    report = cpu_report(before, after, "driftserve", requests=100, elapsed_s=2.0, own_pid=99)
+    assert report["replica_ms_per_request"] == pytest.approx(30.0)  # 3 s of CPU over 100 requests
+    assert report["other_replica_ms_per_request"] == pytest.approx(5.0)
+    assert report["proxy_ms_per_request"] == pytest.approx(10.0)
+    assert report["load_generator_ms_per_request"] == pytest.approx(10.0)
+    assert report["rest_ms_per_request"] == pytest.approx(5.0)
+    assert report["total_ms_per_request"] == pytest.approx(60.0)
+    assert report["cores_busy"] == pytest.approx(3.0)
+    naive = cpu_report(before, after, "naive", requests=100, elapsed_s=2.0, own_pid=99)
+    assert naive["replica_ms_per_request"] == pytest.approx(5.0)
+    assert naive["other_replica_ms_per_request"] == pytest.approx(30.0)
+    assert process_cpu(tmp_path / "missing") == {}
+
+
+def test_report_says_where_the_machines_cpu_went(tmp_path):
+    cpu = {
+        "replica_ms_per_request": 16.5,
+        "other_replica_ms_per_request": 0.17,
+        "proxy_ms_per_request": 6.93,
+        "load_generator_ms_per_request": 2.0,
+        "rest_ms_per_request": 3.1,
+        "total_ms_per_request": 28.7,
+        "cores_busy": 1.82,
+    }
+    result = {
+        "levels": [8],
+        "duration_s": 15.0,
+        "p99_budget_ms": 100.0,
+        "memory_entries": 2000,
+        "naive": [_level(8, 26.0, 400.0)],
+        "driftserve": [{**_level(8, 63.0, 190.0), "cpu": cpu}],
+        "capacity_rps": {"naive": 0.0, "driftserve": 0.0},
+        "ratio": float("inf"),
+    }
+    write_outputs(tmp_path, result)
+    md = (tmp_path / "serve.md").read_text()
+    assert "| driftserve | 8 | 16.50 | 6.93 | 2.00 | 0.17 | 3.10 | 28.70 | 1.82 |" in md
