@@ -144,8 +144,12 @@ class AnnMemory(IndexedMemory):
             time.sleep(0)  # let a search waiting on the index lock go first
 
     def _build(self, d: _Domain, size: int) -> tuple[np.ndarray, Index]:
-        """A graph of the rows alive among [0, size): they never change, only ``alive`` may."""
-        rows = np.flatnonzero(d.alive[:size])
+        """A graph of the rows alive among [0, size): they never change, only ``alive`` may. The mask is
+        copied under the lock: numpy counts the nonzeros, then may fill them in without the GIL, so a forget
+        landing in between would leave uninitialised row numbers."""
+        with self._lock:
+            alive = d.alive[:size].copy()
+        rows = np.flatnonzero(alive)
         index = self._new_index()
         index.add(rows.astype(np.uint64), d.keys[rows], threads=self.build_threads)
         return rows, index
