@@ -429,6 +429,9 @@ class IndexedMemory(InProcessMemory):
         if self.device is not None and domain not in self.indexed_domains():
             return super().search_batch(domain, q, k)  # exact, on the accelerator's mirror of the keys
         results = self._search(domain, q.reshape(q.shape[0], -1), k)
+        if len(results) == 1:  # one row is rectangular as it is
+            row_sims, labels = results[0]
+            return np.asarray(row_sims, dtype=np.float32).reshape(1, -1), [labels]
         width = max((len(labels) for _, labels in results), default=0)
         sims = np.full((len(results), width), -np.inf, dtype=np.float32)
         filler = next((labels[0] for _, labels in results if labels), "")

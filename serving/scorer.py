@@ -70,6 +70,8 @@ class _DomainState:
     log_w: np.ndarray = field(init=False)  # (experts,)
     seen: int = 0
     calibrated: int = 0
+    version: int = 0  # bumped by every change of the regressions or the mixture (invalidates ``cached``)
+    cached: tuple | None = field(default=None, repr=False)  # see ``FeedbackScorer._linear``
 
     def __post_init__(self) -> None:
         self.weight = np.zeros((self.n_heads, 0, self.dim))
@@ -108,6 +110,7 @@ class FeedbackScorer:
         self.cfg = cfg or ScorerConfig()
         self._domains: dict[str, _DomainState] = {}
         self._lock = threading.Lock()
+        self._n_experts = len(self.cfg.experts)
 
     def _state(self, domain: str) -> _DomainState:
         st = self._domains.get(domain)
@@ -129,7 +132,7 @@ class FeedbackScorer:
     ) -> np.ndarray:
         """(experts, n, classes) distributions over ``st.labels``; caller holds the lock."""
         n, c = keys.shape[0], len(st.labels)
-        out = np.zeros((len(self.cfg.experts), n, c))
+        out = np.zeros((self._n_experts, n, c))
         k = min(self.cfg.knn_k, sims.shape[1]) if sims.ndim == 2 else 0
         if k:
             s = sims[:, :k].astype(np.float64)
@@ -140,16 +143,47 @@ class FeedbackScorer:
             cols = np.array([[get(lab, -1) for lab in row[:k]] for row in neighbour_labels], dtype=np.int64)
             cells = (np.arange(n)[:, None] * c + cols)[cols >= 0]  # a label the scorer has not learnt: none
             out[0] = np.bincount(cells, weights=w[cols >= 0], minlength=n * c).reshape(n, c)
-        known = [(st.index[lab], j) for j, lab in enumerate(class_labels) if lab in st.index]
-        if known:
-            cols, rows = zip(*known, strict=True)
-            z = np.full((n, c), -np.inf)
-            z[:, list(cols)] = (keys @ class_means[list(rows)].T) / self.cfg.ncm_tau
-            out[1] = _softmax_rows(z)
-        if c and st.regressions:
-            z = self.cfg.logit_scale * np.matmul(st.weight, keys.T).transpose(0, 2, 1) + st.bias[:, None, :]
-            out[2:] = _softmax_rows(z)
+        weight, bias, first = self._linear(st, class_labels, class_means)
+        if weight.shape[0]:
+            # NCM and the regressions in one product: their logits, then a softmax per expert
+            z = (keys @ weight.T).reshape(n, -1, c) + bias
+            out[first : first + bias.shape[0]] = _softmax_rows(z).transpose(1, 0, 2)
         return out
+
+    def _linear(
+        self, st: _DomainState, class_labels: list[str], class_means: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """The linear experts' logits as one (experts x classes, dim) matrix and (experts, classes) bias:
+        NCM's class means over its temperature (when any of ``st.labels`` has a mean; a label without one
+        gets -inf) and the regressions' weights, scaled. Returns them and the first expert they give.
+
+        Cached per domain until the regressions change or the memory's class means do (``class_means``
+        is the memory's cached array, replaced on every change of the domain), so a request pays one
+        matrix product for all of them; caller holds the lock."""
+        hit = st.cached
+        if hit is not None and hit[0] == st.version and hit[1] is class_means:
+            return hit[2]
+        c, blocks, biases = len(st.labels), [], []
+        known = [(st.index[lab], j) for j, lab in enumerate(class_labels) if lab in st.index]
+        first = 2
+        if known:
+            cols, rows = (list(t) for t in zip(*known, strict=True))
+            w = np.zeros((c, self.dim))
+            w[cols] = class_means[rows] / self.cfg.ncm_tau
+            b = np.full(c, -np.inf)
+            b[cols] = 0.0
+            blocks.append(w)
+            biases.append(b)
+            first = 1
+        if c and st.regressions:
+            blocks.append(self.cfg.logit_scale * st.weight.reshape(-1, self.dim))
+            biases.extend(st.bias)
+        if not blocks:
+            first = self._n_experts
+        weight = np.concatenate(blocks) if blocks else np.zeros((0, self.dim))
+        bias = np.stack(biases) if biases else np.zeros((0, c))
+        st.cached = (st.version, class_means, (weight, bias, first))
+        return weight, bias, first
 
     def mixture_weights(self, domain: str) -> dict[str, float]:
         with self._lock:
@@ -176,9 +210,10 @@ class FeedbackScorer:
             w = np.exp(st.log_w - st.log_w.max())
             labels = list(st.labels)
         w /= w.sum()
-        probs = np.tensordot(w, experts, axes=1)
+        flat = experts.reshape(len(w), -1)
+        probs = (w @ flat).reshape(experts.shape[1:])
         if not np.isfinite(probs).all():  # a non-finite key: its experts count as having no opinion
-            probs = np.tensordot(w, np.nan_to_num(experts), axes=1)
+            probs = (w @ np.nan_to_num(flat)).reshape(experts.shape[1:])
         return labels, probs
 
     # -- learning -----------------------------------------------------------------------------------------
@@ -214,6 +249,7 @@ class FeedbackScorer:
                 with np.errstate(divide="ignore"):
                     st.log_w = np.log(w)
                 st.calibrated += 1
+                st.version += 1
             self._learn(st, key, label)
 
     def _learn(self, st: _DomainState, key: np.ndarray, label: str) -> None:
@@ -221,6 +257,7 @@ class FeedbackScorer:
         if target is not None:
             self._sgd(st, key, target)
         st.seen += 1
+        st.version += 1
 
     def _sgd(self, st: _DomainState, key: np.ndarray, target: int) -> None:
         scale = self.cfg.logit_scale

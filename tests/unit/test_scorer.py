@@ -117,3 +117,40 @@ def test_a_batch_scores_each_row_as_alone_with_padded_and_unlearnt_neighbours():
         np.testing.assert_allclose(one[0], probs[i], atol=1e-12)
     _, cut = mem.score("d", q[2:3], sims[2:3, :5], [labels[2][:5]])
     np.testing.assert_allclose(cut[0], probs[2], atol=1e-12)
+
+
+def test_cached_linear_experts_follow_every_write():
+    """The NCM and regression logits are cached per domain (one product per request): after every write
+    (the regressions learn, the mixture moves, the class means change) a prediction equals one computed
+    from scratch, with no cache."""
+    mem = InProcessMemory(16)
+    x, y = _stream(120, seed=5)
+    q = _unit(np.random.default_rng(6).standard_normal((3, 16)))
+    for i in range(len(y)):
+        mem.add([MemoryEntry(f"e{i}", "d", str(y[i]) if i % 7 else f"new{i}", x[i], float(i), "v")])
+        if i % 10 == 0:
+            mem.apply([Deletion(f"e{i - 5}")] if i >= 5 else [])
+        sims, labels = mem.search_batch("d", q, mem.scorer.cfg.knn_k)
+        vocab, cached = mem.score("d", q, sims, labels)
+        mem.scorer._domains["d"].cached = None
+        fresh_vocab, fresh = mem.score("d", q, sims, labels)
+        assert vocab == fresh_vocab
+        np.testing.assert_array_equal(cached, fresh)
+
+
+def test_the_cache_follows_the_regressions_when_the_class_means_stay():
+    """The same class-means array passed again (nothing else changed in the memory) still sees what the
+    regressions learnt since."""
+    scorer = FeedbackScorer(16)
+    x, y = _stream(60, seed=7)
+    means = _unit(np.stack([x[y == "a"].mean(axis=0), x[y == "b"].mean(axis=0)]))
+    no_neighbours = np.zeros((1, 0))
+    before = None
+    for i in range(len(y)):
+        scorer.observe("d", x[i], str(y[i]))
+        _, probs = scorer.predict("d", x[:1], no_neighbours, [[]], ["a", "b"], means)
+        scorer._domains["d"].cached = None
+        _, fresh = scorer.predict("d", x[:1], no_neighbours, [[]], ["a", "b"], means)
+        np.testing.assert_array_equal(probs, fresh)
+        assert before is None or not np.array_equal(probs, before)  # every step moves the regressions
+        before = probs
