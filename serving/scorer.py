@@ -129,8 +129,10 @@ class FeedbackScorer:
         neighbour_labels: list[list[str]],
         class_labels: list[str],
         class_means: np.ndarray,
+        cached: bool = True,
     ) -> np.ndarray:
-        """(experts, n, classes) distributions over ``st.labels``; caller holds the lock."""
+        """(experts, n, classes) distributions over ``st.labels``; caller holds the lock. ``cached``: see
+        ``_linear_logits``."""
         n, c = keys.shape[0], len(st.labels)
         out = np.zeros((self._n_experts, n, c))
         k = min(self.cfg.knn_k, sims.shape[1]) if sims.ndim == 2 else 0
@@ -143,19 +145,53 @@ class FeedbackScorer:
             cols = np.array([[get(lab, -1) for lab in row[:k]] for row in neighbour_labels], dtype=np.int64)
             cells = (np.arange(n)[:, None] * c + cols)[cols >= 0]  # a label the scorer has not learnt: none
             out[0] = np.bincount(cells, weights=w[cols >= 0], minlength=n * c).reshape(n, c)
-        weight, bias, first = self._linear(st, class_labels, class_means)
-        if weight.shape[0]:
-            # NCM and the regressions in one product: their logits, then a softmax per expert
-            z = (keys @ weight.T).reshape(n, -1, c) + bias
-            out[first : first + bias.shape[0]] = _softmax_rows(z).transpose(1, 0, 2)
+        z, first = self._linear_logits(st, keys, class_labels, class_means, cached)
+        if z is not None:
+            out[first : first + z.shape[1]] = _softmax_rows(z).transpose(1, 0, 2)
         return out
+
+    def _linear_logits(
+        self,
+        st: _DomainState,
+        keys: np.ndarray,
+        class_labels: list[str],
+        class_means: np.ndarray,
+        cached: bool,
+    ) -> tuple[np.ndarray | None, int]:
+        """(n, experts, classes) logits of NCM (when any of ``st.labels`` has a class mean; a label without
+        one gets -inf) and of the regressions, and the first expert they give; None when there are none.
+
+        ``cached`` (requests): one product with the matrix ``_linear`` keeps between writes. Otherwise (a
+        write's calibration step, after which the regressions and the class means change anyway): the
+        products straight from the class means and the regression weights, building no matrix."""
+        n, c = keys.shape[0], len(st.labels)
+        if cached:
+            weight, bias, first = self._linear(st, class_labels, class_means)
+            return ((keys @ weight.T).reshape(n, -1, c) + bias if len(weight) else None), first
+        parts, first = [], 2
+        cols, rows = self._ncm_columns(st, class_labels)
+        if cols:
+            z = np.full((n, 1, c), -np.inf)
+            z[:, 0, cols] = (keys @ class_means[rows].T) / self.cfg.ncm_tau
+            parts.append(z)
+            first = 1
+        if c and st.regressions:
+            z = self.cfg.logit_scale * (keys @ st.weight.reshape(-1, self.dim).T)
+            parts.append(z.reshape(n, -1, c) + st.bias)
+        return (np.concatenate(parts, axis=1) if parts else None), first
+
+    @staticmethod
+    def _ncm_columns(st: _DomainState, class_labels: list[str]) -> tuple[list[int], list[int]]:
+        """(columns in ``st.labels``, rows of the class means) of the labels that have both."""
+        known = [(st.index[lab], j) for j, lab in enumerate(class_labels) if lab in st.index]
+        return ([c for c, _ in known], [j for _, j in known]) if known else ([], [])
 
     def _linear(
         self, st: _DomainState, class_labels: list[str], class_means: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, int]:
         """The linear experts' logits as one (experts x classes, dim) matrix and (experts, classes) bias:
-        NCM's class means over its temperature (when any of ``st.labels`` has a mean; a label without one
-        gets -inf) and the regressions' weights, scaled. Returns them and the first expert they give.
+        NCM's class means over its temperature and the regressions' weights, scaled. Returns them and
+        the first expert they give.
 
         Cached per domain until the regressions change or the memory's class means do (``class_means``
         is the memory's cached array, replaced on every change of the domain), so a request pays one
@@ -164,10 +200,9 @@ class FeedbackScorer:
         if hit is not None and hit[0] == st.version and hit[1] is class_means:
             return hit[2]
         c, blocks, biases = len(st.labels), [], []
-        known = [(st.index[lab], j) for j, lab in enumerate(class_labels) if lab in st.index]
+        cols, rows = self._ncm_columns(st, class_labels)
         first = 2
-        if known:
-            cols, rows = (list(t) for t in zip(*known, strict=True))
+        if cols:
             w = np.zeros((c, self.dim))
             w[cols] = class_means[rows] / self.cfg.ncm_tau
             b = np.full(c, -np.inf)
@@ -178,8 +213,6 @@ class FeedbackScorer:
         if c and st.regressions:
             blocks.append(self.cfg.logit_scale * st.weight.reshape(-1, self.dim))
             biases.extend(st.bias)
-        if not blocks:
-            first = self._n_experts
         weight = np.concatenate(blocks) if blocks else np.zeros((0, self.dim))
         bias = np.stack(biases) if biases else np.zeros((0, c))
         st.cached = (st.version, class_means, (weight, bias, first))
@@ -240,7 +273,9 @@ class FeedbackScorer:
             if neighbours is not None and label in st.index:
                 sims, labels, class_labels, class_means = neighbours
                 sims = np.asarray(sims)[None, : len(labels)]
-                p = self._experts(st, key[None, :], sims, [list(labels)], class_labels, class_means)
+                p = self._experts(
+                    st, key[None, :], sims, [list(labels)], class_labels, class_means, cached=False
+                )
                 loss = -np.log(np.clip(p[:, 0, st.index[label]], EPS, 1.0))
                 live = np.isfinite(st.log_w)
                 st.log_w[live] -= self.cfg.eta * loss[live]

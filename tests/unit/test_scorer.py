@@ -154,3 +154,23 @@ def test_the_cache_follows_the_regressions_when_the_class_means_stay():
         np.testing.assert_array_equal(probs, fresh)
         assert before is None or not np.array_equal(probs, before)  # every step moves the regressions
         before = probs
+
+
+def test_a_write_scores_without_the_cache_as_a_request_does_with_it():
+    """Calibration on the write path computes the linear experts without building the cached matrix
+    (it would be stale after the write): the same distributions as the cached request path."""
+    mem = InProcessMemory(16)
+    x, y = _stream(200, seed=8)
+    mem.add(
+        [MemoryEntry(f"e{i}", "d", str(y[i]) if i % 9 else f"n{i}", x[i], float(i), "v") for i in range(200)]
+    )
+    q = _unit(np.random.default_rng(9).standard_normal((4, 16)))
+    sims, labels = mem.search_batch("d", q, mem.scorer.cfg.knn_k)
+    scorer, st = mem.scorer, mem.scorer._domains["d"]
+    class_labels, means = mem.class_means("d")
+    cached = scorer._experts(st, q, sims, labels, class_labels, means)
+    direct = scorer._experts(st, q, sims, labels, class_labels, means, cached=False)
+    np.testing.assert_allclose(direct, cached, atol=1e-6)  # float32 class means there, float64 here
+    partial = scorer._experts(st, q, sims, labels, class_labels[:1], means[:1], cached=False)
+    whole = scorer._experts(st, q, sims, labels, class_labels[:1], means[:1])
+    np.testing.assert_allclose(partial, whole, atol=1e-6)
